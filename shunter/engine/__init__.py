@@ -1,0 +1,17 @@
+"""Per-instance, torch-free engine: block manager, scheduler, the step loop."""
+
+from shunter.engine.block_manager import BlockManager
+from shunter.engine.engine import InstanceEngine
+from shunter.engine.outputs import ExecOutput, Executor, ScheduledRequest, SchedulerOutput
+from shunter.engine.scheduler import RequestState, Scheduler
+
+__all__ = [
+    "BlockManager",
+    "ExecOutput",
+    "Executor",
+    "InstanceEngine",
+    "RequestState",
+    "ScheduledRequest",
+    "Scheduler",
+    "SchedulerOutput",
+]
