@@ -1,0 +1,5 @@
+import sys
+
+from shunter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""`shunter bench NAME`: every benchmark registers itself here."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCH_MODULES = [
+    "shunter.bench.engine_bench",
+    "shunter.bench.sim_bench",
+    "shunter.bench.fidelity",
+]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark (prints figure and baseline)")
+    bench_sub = parser.add_subparsers(dest="bench", metavar="NAME")
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(bench_sub)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)

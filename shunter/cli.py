@@ -1,0 +1,59 @@
+"""`shunter` command line: generate | simulate | profile | bench ...
+
+Each subcommand lives in the module of its concern and exposes
+`register(subparsers)`; the module's top level stays free of heavy imports so
+`shunter --help` is instant. Bad input ends in a one-line message and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that add a top-level subcommand.
+COMMAND_MODULES = [
+    "shunter.generate_cli",
+    "shunter.sim.cli",
+    "shunter.sim.profile",
+    "shunter.bench.cli",
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shunter", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # a subcommand not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (CLIError, ValueError, FileNotFoundError) as e:
+        print(f"shunter: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shunter: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
