@@ -1,0 +1,1 @@
+"""Discrete-event simulator: the real scheduling code driven by a virtual clock."""
