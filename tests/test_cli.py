@@ -1,0 +1,41 @@
+"""The command line turns bad input into one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shunter.cli import main
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["generate", ""], "prompt is empty"),
+    (["generate", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "hi", "--top-k", "-5"], "top_k"),
+    (["generate", "hi", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
+    (["bench", "engine", "--requests", "0"], "--requests"),
+])
+def test_bad_input_is_one_line(argv, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("shunter: error:") and named in err
+    assert "Traceback" not in err
+
+
+def test_unreadable_weights_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["generate", "hi", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shunter: error:" in err
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "shunter", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("generate", "bench"):
+        assert command in out
