@@ -94,7 +94,8 @@ class BlockManager:
             return hits
         bs = self.block_size
         tokens = request.all_token_ids
-        for i, h in enumerate(self._block_hashes(request, num_full)):
+        # The memo may hold one hash more (all tokens computed): never hit the last token's block.
+        for i, h in enumerate(self._block_hashes(request, num_full)[:num_full]):
             block_id = self.hash_to_block_id.get(h)
             if block_id is None or self.block_token_ids[block_id] != tuple(tokens[i * bs:(i + 1) * bs]):
                 break

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Callable
 
 from shunter.config import SchedulerConfig
 from shunter.engine.block_manager import BlockManager, cdiv
@@ -100,6 +101,37 @@ class RequestState:
         )
 
 
+_NEVER = 1 << 62
+
+
+def _apply_decodes(request: Request, num_steps: int, token_id: int, now: float) -> None:
+    """What `num_steps` plain decode steps ending by `now` do to a request: counters, tokens, stamp."""
+    tokens = [token_id] * num_steps
+    request.num_computed_tokens += num_steps
+    request.output_token_ids.extend(tokens)
+    request.all_token_ids.extend(tokens)
+    request.last_token_time = now
+
+
+@dataclass(slots=True)
+class DecodeRun:
+    """What `Scheduler.run_decode_steps` did.
+
+    time: when the next step begins (the end of the last completed step), or
+        the start of the step left in flight.
+    in_flight: the batch of a begun step that ends after the run's horizon (at
+        `in_flight_end`), or None.
+    is_blocked: the next step needs a preemption; `schedule()` must take it.
+    """
+
+    time: float
+    num_steps: int
+    finished: list[Request]
+    in_flight: list[Request] | None = None
+    in_flight_end: float = 0.0
+    is_blocked: bool = False
+
+
 class Scheduler:
     """Decides, each step, how many tokens every request computes; owns the block manager."""
 
@@ -115,7 +147,7 @@ class Scheduler:
     # ---- admission and removal -----------------------------------------
     def add_request(self, request: Request) -> None:
         """Queue a new request; ValueError if it could never run here (nothing is allocated then)."""
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.request_id in self.reserved_ids:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.validate_request(request)
         request.status = RequestStatus.WAITING
@@ -125,12 +157,16 @@ class Scheduler:
     def validate_request(self, request: Request) -> None:
         """Raise ValueError if the request cannot fit this instance's context or KV capacity."""
         cfg = self.config
+        request.sampling_params.validate()  # the dataclass may have been changed since it was built
         if request.num_tokens >= cfg.max_model_len:
             raise ValueError(
                 f"request {request.request_id!r}: prompt of {request.num_tokens} tokens does not fit the "
                 f"model's context of {cfg.max_model_len} tokens (at least one output token is needed)"
             )
-        needed = cdiv(request.num_tokens + 1, cfg.block_size)
+        # KV for all its tokens but the last sampled one, at its longest: a request that could
+        # outgrow the instance would end up preempting itself forever, wedging the queue behind it.
+        max_len = min(request.num_prompt_tokens + request.sampling_params.max_tokens, cfg.max_model_len)
+        needed = cdiv(max(request.num_tokens + 1, max_len - 1), cfg.block_size)
         if needed > cfg.num_blocks:
             raise ValueError(
                 f"request {request.request_id!r}: needs {needed} KV blocks, more than this instance's {cfg.num_blocks}"
@@ -139,9 +175,12 @@ class Scheduler:
     def abort(self, request_id: str, now: float) -> TokenDelta | None:
         """Abort a request in any state, freeing all it holds; returns its closing delta."""
         request = self.requests.get(request_id)
-        if request is None:
+        if request is not None:
+            self._remove(request, RequestStatus.FINISHED_ABORTED, now)
+        elif request_id in self.reserved_ids:
+            self.cancel_reservation(request_id)  # an incoming migration: its reserved blocks go back
+        else:
             return None
-        self._remove(request, RequestStatus.FINISHED_ABORTED, now)
         return TokenDelta(request_id, [], now, RequestStatus.FINISHED_ABORTED.finish_reason)
 
     def finish(self, request_id: str, status: RequestStatus, now: float) -> bool:
@@ -177,10 +216,16 @@ class Scheduler:
         preempted_ids: list[str] = []
 
         running = self.running
+        # Stall-free: a running prefill (even of higher priority) leaves one token of budget
+        # to every decode behind it, so a long prompt never stalls the decodes in flight.
+        num_decodes_left = sum(1 for r in running if r.num_tokens - r.num_computed_tokens == 1)
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget, chunk)
+            num_left = request.num_tokens - request.num_computed_tokens
+            if num_left == 1:
+                num_decodes_left -= 1
+            num_new = min(num_left, budget if num_left == 1 else budget - num_decodes_left, chunk)
             if num_new <= 0:
                 i += 1
                 continue
@@ -271,6 +316,224 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    # ---- decode fast path (simulator) ---------------------------------------
+    # A driver that needs no token stream (the simulator) may replace runs of
+    # pure decode steps by these methods. They make exactly the calls, in
+    # exactly the order, that `schedule()` + `update()` make for such steps —
+    # same block allocations, prefix-cache registrations, counters, stamps and
+    # finishes — and skip only the per-step batch objects and `TokenDelta`s.
+    # tests/sim/test_fast_path.py checks the equivalence on whole simulations.
+
+    def can_run_decodes(self) -> bool:
+        """Whether the next `schedule()` would give every running request one decode token and admit nothing.
+
+        True iff nothing waits, the batch fits the token budget, and every
+        running request has all but its last sampled token computed.
+        """
+        running = self.running
+        if not running or self.waiting or len(running) > self.config.max_num_batched_tokens:
+            return False
+        for r in running:
+            if r.num_computed_tokens != len(r.all_token_ids) - 1 or not r.output_token_ids:
+                return False
+        return True
+
+    def begin_decode_step(self) -> list[Request] | None:
+        """The allocation half of `schedule()` for a pure decode step (`can_run_decodes()` must hold).
+
+        Returns the batch (the running requests, in order), or None — with
+        nothing changed — when the step needs more new blocks than are free, in
+        which case `schedule()` would preempt and the caller must use it instead.
+        """
+        bm = self.block_manager
+        bs = self.config.block_size
+        tables = bm.req_to_block_ids
+        num_needed = 0
+        growing: list[Request] = []
+        for r in self.running:
+            need = cdiv(r.num_computed_tokens + 1, bs) - len(tables[r.request_id])
+            if need > 0:
+                num_needed += need
+                growing.append(r)
+        if num_needed > bm.num_free_blocks:
+            return None
+        for r in growing:  # in running order, as schedule() allocates
+            bm.allocate_slots(r.request_id, r.num_computed_tokens + 1)
+        if self._finished_ids:
+            self._finished_ids = []  # schedule() hands these to the executor; the simulator's ignores them
+        return list(self.running)
+
+    def end_decode_step(self, batch: list[Request], token_id: int, now: float) -> list[Request]:
+        """`update()` for a pure decode batch where every request sampled `token_id`; returns the finished requests."""
+        bm = self.block_manager
+        bs = self.config.block_size
+        finished: list[Request] = []
+        for r in batch:
+            if r.status is not RequestStatus.RUNNING and r.status is not RequestStatus.MIGRATING:
+                continue
+            before = r.num_computed_tokens
+            r.num_computed_tokens = before + 1
+            if (before + 1) // bs > before // bs:
+                bm.cache_computed_blocks(r)
+            r.append_output_token(token_id)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            r.last_token_time = now
+            status = self._stop_status(r, token_id)
+            if status is not None:
+                self._finalize(r, status, now)
+                finished.append(r)
+        if finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return finished
+
+    def run_decode_steps(self, now: float, until: float,
+                         step_ends: Callable[[float, int, int, int, float], list[float]],
+                         token_id: int, max_steps: int | None = None) -> DecodeRun:
+        """Run pure decode steps back to back from `now`, with the effect of `schedule()`/`update()` per step.
+
+        Step i begins at t_i (t_0 = now) and ends at t_{i+1} = t_i + its
+        duration; every request samples `token_id`. `step_ends(t, size,
+        sum_context, k, until)` gives the end times of up to k back-to-back
+        steps from t of a batch of `size` decodes whose context lengths sum to
+        `sum_context` in the first of them (growing by `size` per step),
+        beginning steps only before `until` and stopping after the first end
+        past it (`LatencyModel.decode_step_ends`).
+
+        Stops, without beginning a step, when t_i >= until, when nothing runs,
+        after `max_steps` steps, or when the next step needs more new blocks
+        than are free (`is_blocked`: `schedule()` must take that step, and
+        preempt). A begun step that would end after `until` is left in flight:
+        its blocks are allocated and `in_flight` holds its batch; finish it with
+        `end_decode_step(in_flight, token_id, in_flight_end)`.
+        `can_run_decodes()` must hold on entry; it keeps holding while this runs.
+
+        Why this equals single steps: in a pure decode step the only calls into
+        the block manager are `allocate_slots` for requests whose next token
+        starts a block (at the step's begin, in running order),
+        `cache_computed_blocks` for requests whose token fills a block, and
+        `free` via `_finalize` for requests that finish (at the step's end, in
+        batch order). Those events fall on steps known in advance (every
+        `block_size` steps per request, and at its length limit); they are made
+        at exactly those steps, in that order, with the request's counters and
+        tokens brought up to date first. Between them a step only moves the
+        clock and each request's counters and tokens, which are applied in bulk
+        (nothing can observe them before the run returns).
+        """
+        cfg = self.config
+        bs = cfg.block_size
+        bm = self.block_manager
+        tables = bm.req_to_block_ids
+        caching = bm.enable_prefix_caching
+        max_len = cfg.max_model_len
+        limit = _NEVER if max_steps is None else max_steps
+
+        members = self.running[:]
+        # Per request: computed tokens at step 0, blocks held, and the steps of its next block events.
+        base: list[int] = []
+        held: list[int] = []
+        next_alloc: list[int] = []  # the step whose begin needs a new block
+        next_fill: list[int] = []  # the step whose end fills a block (registered in the prefix cache)
+        last_step: list[int] = []  # the step at whose end the request stops
+        for r in members:
+            c = r.num_computed_tokens
+            h = len(tables[r.request_id])
+            base.append(c)
+            held.append(h)
+            next_alloc.append(h * bs - c)
+            next_fill.append(-(c + 1) % bs if caching else _NEVER)
+            p = r.sampling_params
+            if token_id in p.stop_token_ids or (token_id == r.eos_token_id and not p.ignore_eos):
+                last_step.append(0)
+            else:
+                last_step.append(min(p.max_tokens - len(r.output_token_ids), max_len - len(r.all_token_ids)) - 1)
+        done = [0] * len(members)  # steps applied to each request object so far
+        alive = list(range(len(members)))
+        finished: list[Request] = []
+        clear_finished = bool(self._finished_ids)
+        in_flight_end: float | None = None
+        is_blocked = False
+
+        t = now
+        j = 0  # steps completed in this run
+        while alive and t < until and j < limit:
+            size = len(alive)
+            sum_context = size * (j + 1)
+            event = _NEVER
+            for i in alive:
+                sum_context += base[i]
+                e = next_alloc[i]
+                if next_fill[i] < e:
+                    e = next_fill[i]
+                if last_step[i] < e:
+                    e = last_step[i]
+                if e < event:
+                    event = e
+            # Steps j, j+1, ... up to the event step; the list stops at `until` (see step_ends).
+            ends = step_ends(t, size, sum_context, min(event - j + 1, limit - j, 1024), until)
+            num_begun = len(ends)
+            if j + num_begun - 1 == event:
+                # The event step begins: requests whose next token starts a block get one, in running order.
+                growing = [i for i in alive if next_alloc[i] == event]
+                if growing:
+                    need = 0
+                    for i in growing:
+                        need += cdiv(base[i] + event + 1, bs) - held[i]
+                    if need > bm.num_free_blocks:
+                        num_begun -= 1  # it does not begin; the steps before it ended by `until`
+                        if num_begun:
+                            j += num_begun
+                            t = ends[num_begun - 1]
+                            if clear_finished:
+                                self._finished_ids = []
+                        is_blocked = True
+                        break
+                    for i in growing:
+                        rid = members[i].request_id
+                        bm.allocate_slots(rid, base[i] + event + 1)
+                        held[i] = len(tables[rid])
+                        next_alloc[i] = held[i] * bs - base[i]
+            if clear_finished:
+                self._finished_ids = []  # what schedule() hands the executor; the simulator's ignores it
+                clear_finished = False
+            last = ends[-1]
+            if last > until:  # the last begun step is still running at `until`
+                j += num_begun - 1
+                if num_begun > 1:
+                    t = ends[num_begun - 2]
+                in_flight_end = last
+                break
+            j += num_begun
+            t = last
+            if j - 1 != event:
+                continue
+            # The event step ended: requests filling a block or stopping, in batch order, as update() does.
+            any_finished = False
+            for i in alive:
+                is_fill = next_fill[i] == event
+                is_last = last_step[i] == event
+                if not (is_fill or is_last):
+                    continue
+                r = members[i]
+                _apply_decodes(r, j - done[i], token_id, t)
+                done[i] = j
+                if is_fill:
+                    bm.cache_computed_blocks(r)
+                    next_fill[i] += bs
+                if is_last:
+                    self._finalize(r, self._stop_status(r, token_id), t)
+                    finished.append(r)
+                    any_finished = True
+            if any_finished:
+                self.running = [r for r in self.running if not r.is_finished]
+                alive = [i for i in alive if not members[i].is_finished]
+                clear_finished = True
+        for i in alive:
+            if j > done[i]:
+                _apply_decodes(members[i], j - done[i], token_id, t)
+        in_flight = None if in_flight_end is None else [members[i] for i in alive]
+        return DecodeRun(t, j, finished, in_flight, in_flight_end or 0.0, is_blocked)
+
     # ---- migration hooks ---------------------------------------------------
     def export_request(self, request_id: str) -> RequestState:
         """Snapshot a live request (it keeps running here until `release_exported`)."""
@@ -299,6 +562,8 @@ class Scheduler:
 
     def import_request(self, state: RequestState) -> Request:
         """Make a migrated request live here; its KV must already sit in its reserved blocks."""
+        if state.request_id in self.requests:
+            raise ValueError(f"request id {state.request_id!r} is already live on this instance")
         held = len(self.block_manager.block_ids(state.request_id))
         if held < cdiv(state.num_computed_tokens, self.config.block_size):
             raise ValueError(
