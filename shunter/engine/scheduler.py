@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator
 
 from shunter.config import SchedulerConfig
 from shunter.engine.block_manager import BlockManager, cdiv
@@ -115,21 +115,26 @@ def _apply_decodes(request: Request, num_steps: int, token_id: int, now: float) 
 
 @dataclass(slots=True)
 class DecodeRun:
-    """What `Scheduler.run_decode_steps` did.
+    """Progress of a run of pure decode steps (`Scheduler.decode_steps`, `Scheduler.run_decode_steps`).
 
-    time: when the next step begins (the end of the last completed step), or
-        the start of the step left in flight.
-    in_flight: the batch of a begun step that ends after the run's horizon (at
-        `in_flight_end`), or None.
-    is_blocked: the next step needs a preemption; `schedule()` must take it.
+    time: the end of the last completed step (when the next one begins); with a
+        step in flight, that step's start.
+    num_steps: steps completed so far.
+    finished: requests finished so far (a driver may empty it after reading).
+    is_done: the run has ended and every request object is up to date. Then
+        `in_flight` is the batch of a begun step still running (ending at
+        `in_flight_end`; finish it with `end_decode_step`), or None; and
+        `is_blocked` says the next step needs a preemption, so `schedule()`
+        must take it.
     """
 
     time: float
-    num_steps: int
-    finished: list[Request]
+    num_steps: int = 0
+    finished: list[Request] = field(default_factory=list)
     in_flight: list[Request] | None = None
     in_flight_end: float = 0.0
     is_blocked: bool = False
+    is_done: bool = False
 
 
 class Scheduler:
@@ -412,13 +417,30 @@ class Scheduler:
         the block manager are `allocate_slots` for requests whose next token
         starts a block (at the step's begin, in running order),
         `cache_computed_blocks` for requests whose token fills a block, and
-        `free` via `_finalize` for requests that finish (at the step's end, in
+        `free` via `_finalize` for requests that stop (at the step's end, in
         batch order). Those events fall on steps known in advance (every
         `block_size` steps per request, and at its length limit); they are made
         at exactly those steps, in that order, with the request's counters and
         tokens brought up to date first. Between them a step only moves the
-        clock and each request's counters and tokens, which are applied in bulk
-        (nothing can observe them before the run returns).
+        clock and each request's counters and tokens, which are applied in bulk.
+        """
+        run = self.decode_steps(now, step_ends, token_id, max_steps)
+        next(run)
+        progress = run.send(until)
+        return progress if progress.is_done else run.send(None)
+
+    def decode_steps(self, now: float, step_ends: Callable[[float, int, int, int, float], list[float]],
+                     token_id: int, max_steps: int | None = None) -> Generator[DecodeRun, float | None, None]:
+        """`run_decode_steps` as a coroutine that keeps its place from one horizon to the next.
+
+        Prime it with `next()`; each `send(until)` then runs the steps up to
+        `until` (as `run_decode_steps` would) and yields the `DecodeRun`. Until
+        `is_done`, the run is suspended at `until`: the queues and the block
+        manager are exact (a `LoadReport` may be taken), but the running
+        requests' counters and tokens lag behind. `send(None)` ends the run
+        where it stands, bringing them up to date and handing back the step in
+        flight. Nothing may add, abort, export or import requests while a run
+        is suspended: end it first.
         """
         cfg = self.config
         bs = cfg.block_size
@@ -449,14 +471,56 @@ class Scheduler:
                 last_step.append(min(p.max_tokens - len(r.output_token_ids), max_len - len(r.all_token_ids)) - 1)
         done = [0] * len(members)  # steps applied to each request object so far
         alive = list(range(len(members)))
-        finished: list[Request] = []
+        run = DecodeRun(now)
         clear_finished = bool(self._finished_ids)
-        in_flight_end: float | None = None
-        is_blocked = False
+
+        def end_event_step(event: int, j: int, t: float) -> None:
+            """The event step ended at t: requests filling a block or stopping, in batch order, as update()."""
+            nonlocal clear_finished
+            any_finished = False
+            for i in alive:
+                is_fill = next_fill[i] == event
+                is_last = last_step[i] == event
+                if not (is_fill or is_last):
+                    continue
+                r = members[i]
+                _apply_decodes(r, j - done[i], token_id, t)
+                done[i] = j
+                if is_fill:
+                    bm.cache_computed_blocks(r)
+                    next_fill[i] += bs
+                if is_last:
+                    self._finalize(r, self._stop_status(r, token_id), t)
+                    run.finished.append(r)
+                    any_finished = True
+            if any_finished:
+                self.running = [r for r in self.running if not r.is_finished]
+                alive[:] = [i for i in alive if not members[i].is_finished]
+                clear_finished = True  # the next step's begin hands them to the executor
 
         t = now
         j = 0  # steps completed in this run
-        while alive and t < until and j < limit:
+        event = -1
+        in_flight_end: float | None = None  # end of the begun step j, while it runs past the horizon
+        until = yield run
+        while until is not None:
+            if in_flight_end is not None:
+                if in_flight_end > until:
+                    run.time, run.num_steps = t, j
+                    until = yield run
+                    continue
+                t = in_flight_end
+                in_flight_end = None
+                j += 1
+                if j - 1 == event:
+                    end_event_step(event, j, t)
+                continue
+            if not alive or j >= limit:
+                break
+            if t >= until:
+                run.time, run.num_steps = t, j
+                until = yield run
+                continue
             size = len(alive)
             sum_context = size * (j + 1)
             event = _NEVER
@@ -480,13 +544,13 @@ class Scheduler:
                     for i in growing:
                         need += cdiv(base[i] + event + 1, bs) - held[i]
                     if need > bm.num_free_blocks:
-                        num_begun -= 1  # it does not begin; the steps before it ended by `until`
+                        num_begun -= 1  # it does not begin; the steps before it ended before `until`
                         if num_begun:
                             j += num_begun
                             t = ends[num_begun - 1]
                             if clear_finished:
                                 self._finished_ids = []
-                        is_blocked = True
+                        run.is_blocked = True
                         break
                     for i in growing:
                         rid = members[i].request_id
@@ -502,37 +566,20 @@ class Scheduler:
                 if num_begun > 1:
                     t = ends[num_begun - 2]
                 in_flight_end = last
-                break
+                continue
             j += num_begun
             t = last
-            if j - 1 != event:
-                continue
-            # The event step ended: requests filling a block or stopping, in batch order, as update() does.
-            any_finished = False
-            for i in alive:
-                is_fill = next_fill[i] == event
-                is_last = last_step[i] == event
-                if not (is_fill or is_last):
-                    continue
-                r = members[i]
-                _apply_decodes(r, j - done[i], token_id, t)
-                done[i] = j
-                if is_fill:
-                    bm.cache_computed_blocks(r)
-                    next_fill[i] += bs
-                if is_last:
-                    self._finalize(r, self._stop_status(r, token_id), t)
-                    finished.append(r)
-                    any_finished = True
-            if any_finished:
-                self.running = [r for r in self.running if not r.is_finished]
-                alive = [i for i in alive if not members[i].is_finished]
-                clear_finished = True
+            if j - 1 == event:
+                end_event_step(event, j, t)
+        # The run ends: bring every request up to date.
         for i in alive:
             if j > done[i]:
                 _apply_decodes(members[i], j - done[i], token_id, t)
-        in_flight = None if in_flight_end is None else [members[i] for i in alive]
-        return DecodeRun(t, j, finished, in_flight, in_flight_end or 0.0, is_blocked)
+        run.time, run.num_steps, run.is_done = t, j, True
+        if in_flight_end is not None:
+            run.in_flight = [members[i] for i in alive]
+            run.in_flight_end = in_flight_end
+        yield run
 
     # ---- migration hooks ---------------------------------------------------
     def export_request(self, request_id: str) -> RequestState:

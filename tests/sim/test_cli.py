@@ -1,0 +1,110 @@
+"""`shunter simulate` and `shunter bench sim` from the command line."""
+
+import json
+
+import pytest
+
+from shunter.cli import main
+from tests.sim.test_profiled import synthetic_profile
+
+SMALL = ["simulate", "--trace", "azure2023_conv", "--max-requests", "60", "--instances", "2", "--quiet"]
+
+
+def _error_line(capsys, argv):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("shunter: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--trace", "nope"], "azure2023_conv"),
+    (["--hardware", "v100"], "a100-80gb"),
+    (["--model", "gpt-9"], "llama-2-7b"),
+    (["--dispatch", "freest"], "least-load"),
+    (["--latency-model", "vidur"], "roofline"),
+    (["--instances", "0"], "--instances"),
+    (["--instances", "x"], "invalid int"),
+    (["--rate", "-2"], "rate"),
+    (["--rate-scale", "-1"], "rate_scale"),
+    (["--start", "1e6"], "holds no requests"),
+    (["--goodput"], "--ttft-slo"),
+    (["--latency-model", "profiled"], "--profile"),
+    (["--latency-model", "profiled", "--profile", "/nonexistent.json"], "does not exist"),
+    (["--model", "llama-2-70b"], "-tpN"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
+    line = _error_line(capsys, ["simulate", *argv, "--quiet"])
+    assert needle in line
+
+
+def test_list_names_everything(capsys):
+    assert main(["simulate", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("azure2023_conv", "mooncake_conversation", "a100-80gb", "h200", "llama-2-70b", "smollm2-135m",
+                 "round-robin", "least-load", "roofline", "profiled"):
+        assert name in out
+
+
+def test_run_writes_json_and_plot_and_is_deterministic(tmp_path, capsys):
+    a, b, plot = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "p.png"
+    assert main([*SMALL, "--json", str(a), "--plot", str(plot), "--ttft-slo", "2", "--tpot-slo", "0.1"]) == 0
+    assert main([*SMALL, "--json", str(b), "--ttft-slo", "2", "--tpot-slo", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT" in out and "SLO attainment" in out
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    for r in (ra, rb):
+        r.pop("simulation")
+    assert ra == rb
+    assert ra["requests"] == ra["completed"] == 60
+    assert 0 <= ra["slo_attainment"] <= 1
+    for key in ("ttft", "tpot", "e2e"):
+        assert set(ra[key]) == {"mean", "p50", "p90", "p99"} and ra[key]["p50"] > 0
+    assert plot.stat().st_size > 10_000
+
+
+def test_step_by_step_flag_gives_the_same_report(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main([*SMALL, "--json", str(a)]) == 0
+    assert main([*SMALL, "--json", str(b), "--no-fast-path", "--debug"]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    for r in (ra, rb):
+        r.pop("simulation")
+        r["config"].pop("fast_path")
+    assert ra == rb
+
+
+def test_goodput_search_from_the_cli(tmp_path):
+    out = tmp_path / "g.json"
+    assert main([*SMALL, "--ttft-slo", "0.5", "--tpot-slo", "0.05", "--goodput", "--json", str(out)]) == 0
+    g = json.loads(out.read_text())["goodput"]
+    assert g["rate"] > 0 and g["rate_per_gpu"] == pytest.approx(g["rate"] / 2)
+    assert g["slo_attainment"] >= 0.9
+    assert len(g["searched"]) >= 3
+
+
+def test_profiled_latency_and_mooncake_prefix_caching(tmp_path):
+    profile = tmp_path / "p.json"
+    synthetic_profile().save(profile)
+    out = tmp_path / "m.json"
+    assert main(["simulate", "--trace", "mooncake_conversation", "--max-requests", "30", "--latency-model",
+                 "profiled", "--profile", str(profile), "--num-blocks", "4000", "--max-model-len", "32768",
+                 "--quiet", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["scheduler"]["enable_prefix_caching"] is True  # auto: the trace has prefix blocks
+    assert report["config"]["latency_model"]["name"] == "profiled"
+    assert report["completed"] + report["rejected"] == 30
+
+
+def test_bench_sim_small(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "sim", "--requests", "200", "--instances", "4", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "requests_per_s" in text and "Vidur" in text
+    assert json.loads(out.read_text())["requests_per_s"] > 0
