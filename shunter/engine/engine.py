@@ -8,8 +8,6 @@ a step occupies virtual time between the two.
 
 from __future__ import annotations
 
-from collections import Counter
-
 from shunter.cluster.load import LoadReport
 from shunter.config import SchedulerConfig
 from shunter.engine.block_manager import cdiv
@@ -74,6 +72,10 @@ class InstanceEngine:
         s = self.scheduler
         bm = s.block_manager
         bs = self.config.block_size
+        # A plain loop: this runs on every dispatch for every instance, and Counter costs more here.
+        priority_to_num_running: dict[int, int] = {}
+        for r in s.running:
+            priority_to_num_running[r.priority] = priority_to_num_running.get(r.priority, 0) + 1
         return LoadReport(
             instance_id=self.instance_id,
             time=now,
@@ -84,7 +86,7 @@ class InstanceEngine:
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_blocks,
             waiting_block_demands=[cdiv(r.num_tokens, bs) for r in s.waiting],
-            priority_to_num_running=dict(Counter(r.priority for r in s.running)),
+            priority_to_num_running=priority_to_num_running,
         )
 
     # ---- migration hooks -----------------------------------------------------------
