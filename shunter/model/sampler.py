@@ -3,9 +3,10 @@
 A seeded request draws its token from a generator seeded with
 (seed, number of output tokens so far), so the same request gives the same
 tokens whatever it is batched with, and after preemption or migration, with no
-sampler state to carry between steps or instances. Each row's draw is one
-uniform number fed to an inverse-CDF lookup, so rows never share random
-streams. Requests without a seed share the sampler's global generator.
+sampler state to carry between steps or instances. Each row's draws are
+uniform numbers fed to inverse-CDF lookups in vocabulary order over its own
+logits only, so rows never share random numbers or depend on one another.
+Requests without a seed share the sampler's global generator.
 """
 
 from __future__ import annotations
@@ -58,75 +59,94 @@ class Sampler:
             tokens[rows] = chosen.to(tokens.device)
         return tokens.tolist()
 
-    def _uniforms(self, params: Sequence[SamplingParams], num_output_tokens: Sequence[int]) -> torch.Tensor:
-        u = torch.empty(len(params), dtype=torch.float64)
-        unseeded = [i for i, p in enumerate(params) if p.seed is None]
-        if unseeded:
-            u[unseeded] = torch.rand(len(unseeded), generator=self.generator, dtype=torch.float64)
-        for i, p in enumerate(params):
-            if p.seed is not None:
-                g = torch.Generator().manual_seed(draw_seed(p.seed, num_output_tokens[i]))
-                u[i] = torch.rand(1, generator=g, dtype=torch.float64)
-        return u
-
     def _sample_random(
         self, logits: torch.Tensor, params: Sequence[SamplingParams], num_output_tokens: Sequence[int]
     ) -> torch.Tensor:
-        vocab_size = logits.shape[1]
-        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+        num_rows, vocab_size = logits.shape
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
         scaled = logits / temperature[:, None]
-        if any(0 < p.top_k < vocab_size or p.top_p < 1.0 for p in params):
-            scaled = _filter(scaled, params)
-        # The draw is an inverse-CDF lookup in vocabulary order, so a row's token
-        # depends only on its own logits and uniform, never on which filters its
-        # batch neighbours needed. Unnormalised weights suffice: u is scaled by the total.
+        if any(0 < p.top_k < vocab_size for p in params):
+            scaled = _mask_top_k(scaled, params)
+        # Unnormalised probabilities; filtered tokens weigh 0.
         weights = (scaled - scaled.amax(dim=-1, keepdim=True)).exp_()
-        cdf = weights.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        u = self._uniforms(params, num_output_tokens).to(logits.device, cdf.dtype)
-        # Kept strictly below the total (rounding could reach it), the target's
-        # first strictly greater cumulative weight always belongs to a token of
-        # positive weight: filtered tokens are never picked.
-        target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cdf, target, right=True).squeeze(1)
+        top_p = torch.tensor([p.top_p for p in params], dtype=weights.dtype, device=device)
+        nucleus_mass = top_p * weights.sum(dim=-1)
+        streams = _UniformStreams(self.generator, params, num_output_tokens)
+        tokens = torch.empty(num_rows, dtype=torch.long, device=device)
+        # Top-p by rejection, with no sort of the vocabulary: draw among the
+        # tokens heavier than `pivot`, accept if the mass of the tokens heavier
+        # than the draw is below top_p (it is then in the nucleus), else raise
+        # the pivot to the draw's weight and draw again. The nucleus always lies
+        # above the pivot, so this samples it exactly; a draw lands in it with
+        # probability >= top_p, so rounds are few, and each round shrinks the
+        # candidates, so it ends. Rows with top_p = 1 take their first draw.
+        active = torch.arange(num_rows, device=device)
+        w, pivot = weights, None
+        while True:
+            candidates = w if pivot is None else torch.where(w > pivot, w, 0.0)
+            picked = _inverse_cdf(candidates, streams.next(active.tolist()).to(device, w.dtype))
+            tokens[active] = picked[:, 0]
+            checked = (top_p[active] < 1.0).nonzero()[:, 0]
+            if len(checked) == 0:
+                return tokens
+            w, picked = w[checked], picked[checked]
+            picked_weight = w.gather(1, picked)
+            mass_above = torch.where(w > picked_weight, w, 0.0).sum(dim=-1)
+            rejected = (mass_above >= nucleus_mass[active[checked]]).nonzero()[:, 0]
+            if len(rejected) == 0:
+                return tokens
+            active, w, pivot = active[checked[rejected]], w[rejected], picked_weight[rejected]
 
 
-# Top-p looks for its cut among this many best candidates first (a full sort of
-# the vocabulary costs ~3.5 ms a row on CPU); only a row whose candidates hold
-# less than top_p of the mass looks further.
-TOP_P_CANDIDATES = 256
+class _UniformStreams:
+    """One stream of uniform numbers per row, drawn in order, one number per call.
 
-
-def _filter(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Mask (to -inf) the logits outside each row's top-k set, then outside its top-p nucleus.
-
-    Each row's cut is a logit threshold read from its own sorted logits, so the
-    result never depends on the other rows.
+    A seeded row's stream comes from a generator seeded with (seed, output
+    count), so its draws do not depend on the batch; unseeded rows share the
+    sampler's global generator.
     """
-    num_rows, vocab_size = scaled.shape
-    device = scaled.device
+
+    def __init__(self, generator: torch.Generator, params: Sequence[SamplingParams], num_output_tokens: Sequence[int]):
+        self._shared = generator
+        self._own = [
+            None if p.seed is None else torch.Generator().manual_seed(draw_seed(p.seed, n))
+            for p, n in zip(params, num_output_tokens)
+        ]
+
+    def next(self, rows: list[int]) -> torch.Tensor:
+        """The next uniform in [0, 1) of each of `rows`, as a float64 CPU tensor."""
+        u = torch.empty(len(rows), dtype=torch.float64)
+        shared_rows = [i for i, row in enumerate(rows) if self._own[row] is None]
+        if shared_rows:
+            u[shared_rows] = torch.rand(len(shared_rows), generator=self._shared, dtype=torch.float64)
+        for i, row in enumerate(rows):
+            generator = self._own[row]
+            if generator is not None:
+                u[i] = torch.rand(1, generator=generator, dtype=torch.float64)
+        return u
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Column index `[rows, 1]` drawn per row with probability proportional to `weights`, from uniforms `u`.
+
+    The target is kept strictly below the total (rounding could reach it), so
+    the first strictly greater cumulative weight always belongs to a token of
+    positive weight: zero-weight tokens are never picked.
+    """
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)
+
+
+def _mask_top_k(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Mask (to -inf) the logits below each row's k-th largest (ties at the k-th stay)."""
+    vocab_size = scaled.shape[1]
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-    top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    num_candidates = max([k for k in top_k if k < vocab_size], default=1)
-    if top_p_rows:
-        num_candidates = max(num_candidates, TOP_P_CANDIDATES)
-    values = scaled.topk(min(num_candidates, vocab_size), dim=-1).values
-    threshold = torch.full((num_rows, 1), float("-inf"), dtype=scaled.dtype, device=device)
-    top_k_rows = [i for i, k in enumerate(top_k) if k < vocab_size]
-    if top_k_rows:
-        cutoff = torch.tensor([top_k[i] - 1 for i in top_k_rows], device=device)
-        threshold[top_k_rows] = values[top_k_rows].gather(1, cutoff[:, None])
-    for i in top_p_rows:
-        limit = top_k[i]
-        row_values = values[i, :limit]
-        # Probabilities over the whole (top-k filtered) row, read for the best candidates.
-        log_total = (row_values if limit < vocab_size else scaled[i]).logsumexp(dim=-1)
-        probs = (row_values - log_total).exp()
-        if probs.sum() < params[i].top_p and row_values.shape[0] < limit:
-            # A flat distribution: the nucleus reaches past the candidates.
-            row_values = scaled[i].topk(limit).values
-            probs = (row_values - log_total).exp()
-        # Keep the smallest prefix whose mass reaches top_p (the best token always stays).
-        num_kept = int(((probs.cumsum(dim=-1) - probs) < params[i].top_p).sum())
-        threshold[i] = torch.maximum(threshold[i], row_values[num_kept - 1])
+    values = scaled.topk(max(k for k in top_k if k < vocab_size), dim=-1).values
+    limited = [i for i, k in enumerate(top_k) if k < vocab_size]
+    threshold = torch.full((scaled.shape[0], 1), float("-inf"), dtype=scaled.dtype, device=scaled.device)
+    cutoff = torch.tensor([top_k[i] - 1 for i in limited], device=scaled.device)
+    threshold[limited] = values[limited].gather(1, cutoff[:, None])
     return scaled.masked_fill(scaled < threshold, float("-inf"))
