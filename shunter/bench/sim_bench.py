@@ -29,10 +29,14 @@ def register(bench_subparsers) -> None:
     p.add_argument("--trace", default="azure2023_conv", help="trace to replay")
     p.add_argument("--no-fast-path", action="store_true", help="measure the step-by-step event loop instead")
     p.add_argument("--repeat", type=int, default=1, help="runs; the best is reported")
+    p.add_argument("--baseline-requests", type=int, default=1000,
+                   help="requests for the in-run baseline: the same simulator stepping one event per engine step "
+                        "(0 skips it)")
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     import time
 
@@ -43,8 +47,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from shunter.sim.simulator import SimConfig, simulate
     from shunter.sim.workloads import WorkloadSpec, load_workload
 
-    if args.requests < 1 or args.instances < 1 or args.repeat < 1:
-        raise ValueError("--requests, --instances and --repeat must be positive")
+    if args.requests < 1 or args.instances < 1 or args.repeat < 1 or args.baseline_requests < 0:
+        raise ValueError("--requests, --instances and --repeat must be positive, --baseline-requests not negative")
     model = get_model("llama-2-7b")
     latency = RooflineLatency(get_gpu("a100-80gb"), model)
     block_size, budget = 16, 2048
@@ -60,12 +64,22 @@ def run_bench(args: argparse.Namespace) -> int:
         result = simulate(config, latency, workload, prefix_caching="auto")
         best = min(best, time.perf_counter() - t0)
     rate = len(workload) / best
+    baseline_rate = None
+    if args.baseline_requests and not args.no_fast_path:
+        # Measured in this run: the step-by-step event loop, on a prefix of the same workload.
+        subset = workload[:args.baseline_requests]
+        t0 = time.perf_counter()
+        simulate(dataclasses.replace(config, fast_path=False), latency, subset, prefix_caching="auto")
+        baseline_rate = len(subset) / (time.perf_counter() - t0)
     steps = sum(result.instance_num_steps.values())
     print(f"shunter bench sim: {len(workload):,} requests of {args.trace} on {args.instances} a100-80gb instances "
           f"(llama-2-7b, roofline, least-load, fast path {'off' if args.no_fast_path else 'on'}, "
           f"prefix caching auto -> {'on' if result.prefix_caching else 'off'})")
     print(f"  requests_per_s  {rate:,.0f}   ({best:.2f} s wall; {steps:,} engine steps, "
           f"{steps / best:,.0f} steps/s; {len(result.records):,} finished)")
+    if baseline_rate is not None:
+        print(f"  in-run baseline {baseline_rate:,.0f} req/s: one event per engine step, first {args.baseline_requests:,} "
+              f"requests (ratio x{rate / baseline_rate:.1f})")
     print(f"  baselines       Vidur ~{VIDUR_REQUESTS_PER_S:.0f} req/s (x{rate / VIDUR_REQUESTS_PER_S:.1f}), "
           f"DistServe's simulator ~{DISTSERVE_REQUESTS_PER_S:.0f} req/s (x{rate / DISTSERVE_REQUESTS_PER_S:.1f}); "
           f"target {TARGET_REQUESTS_PER_S:,.0f}")
@@ -74,6 +88,8 @@ def run_bench(args: argparse.Namespace) -> int:
             json.dump({"requests_per_s": rate, "wall_seconds": best, "requests": len(workload),
                        "instances": args.instances, "engine_steps": steps, "fast_path": not args.no_fast_path,
                        "vidur_requests_per_s": VIDUR_REQUESTS_PER_S, "ratio_to_vidur": rate / VIDUR_REQUESTS_PER_S,
-                       "distserve_requests_per_s": DISTSERVE_REQUESTS_PER_S}, f, indent=1)
+                       "distserve_requests_per_s": DISTSERVE_REQUESTS_PER_S,
+                       "step_by_step_requests_per_s": baseline_rate,
+                       "ratio_to_step_by_step": None if baseline_rate is None else rate / baseline_rate}, f, indent=1)
             f.write("\n")
     return 0

@@ -9,6 +9,8 @@ offending value, never as a raw `transformers` traceback.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -127,6 +129,26 @@ def resolve_source(model: str | None) -> ModelSource:
     return ModelSource(path, None)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' progress bars and warnings while loading, restoring them afterwards.
+
+    A user of `shunter generate` should see the answer, not GGUF de-quantization progress.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf_model(source: ModelSource, dtype: torch.dtype) -> Any:
     """The checkpoint as a Hugging Face causal LM on CPU (its tensors are copied out afterwards).
 
@@ -144,9 +166,10 @@ def load_hf_model(source: ModelSource, dtype: torch.dtype) -> Any:
     read_dtype = torch.float32 if source.gguf_file else dtype
     try:
         # Passing the config on spares a second parse of the GGUF metadata (~10 s).
-        return AutoModelForCausalLM.from_pretrained(
-            source.directory, gguf_file=source.gguf_file, config=hf_config, dtype=read_dtype
-        )
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(
+                source.directory, gguf_file=source.gguf_file, config=hf_config, dtype=read_dtype
+            )
     except Exception as exc:  # corrupt or truncated files fail deep inside safetensors/gguf readers
         raise ValueError(f"cannot read weights from {where!r}: {exc}") from exc
 
@@ -155,7 +178,8 @@ def load_hf_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
     except Exception as exc:
         raise ValueError(f"cannot read the tokenizer from {str(source.directory)!r}: {exc}") from exc
 
