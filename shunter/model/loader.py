@@ -10,6 +10,7 @@ offending value, never as a raw `transformers` traceback.
 from __future__ import annotations
 
 import contextlib
+import io
 
 import importlib.util
 from pathlib import Path
@@ -133,7 +134,9 @@ def resolve_source(model: str | None) -> ModelSource:
 def _quiet_transformers():
     """Silence transformers' progress bars and warnings while loading, restoring them afterwards.
 
-    A user of `shunter generate` should see the answer, not GGUF de-quantization progress.
+    A user of `shunter generate` should see the answer, not GGUF de-quantization
+    progress. The GGUF reader uses a bare tqdm bar that transformers' switch does
+    not reach, so stderr is captured too; failures still surface as exceptions.
     """
     from transformers.utils import logging as hf_logging
 
@@ -142,7 +145,8 @@ def _quiet_transformers():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
