@@ -338,10 +338,16 @@ def _roofline(*, hardware: str | None = None, model: str | None = None, **_) -> 
 
 
 @LATENCY_MODELS.register("profiled")
-def _profiled(*, profile: str | None = None, **_) -> LatencyModel:
-    if profile is None:
-        raise ValueError("the profiled latency model needs --profile PATH (a profile JSON of the real engine)")
+def _profiled(*, profile: str | None = None, hardware: str | None = None, model: str | None = None,
+              **_) -> LatencyModel:
+    from shunter.sim.profile import packaged_profile
     from shunter.sim.profiled import ProfiledLatency
+
+    if profile is None:
+        profile = packaged_profile(hardware, model)  # shipped for --hardware cpu --model smollm2-135m
+    if profile is None:
+        raise ValueError("the profiled latency model needs --profile PATH (a profile JSON of the real engine), "
+                         "or --hardware cpu --model smollm2-135m for the packaged profile")
 
     return ProfiledLatency.from_path(profile)
 

@@ -1,0 +1,316 @@
+"""`shunter bench fidelity`: does the simulator reproduce the real engine's latencies?
+
+One bounded workload runs twice, with the same `SchedulerConfig`
+(`shunter.sim.profile.engine_scheduler_config`):
+
+- real: one in-process instance of the built-in model on this machine, driven
+  on the wall clock by `shunter.bench.replay` (requests admitted at their
+  arrival times, one engine step after another, tokens stamped when their
+  step returns);
+- simulated: one `cpu` instance of `smollm2-135m` in `shunter.sim.Simulator`,
+  with the `profiled` latency model fitted from a profile of this engine (the
+  packaged one by default, `--profile PATH`, or a fresh one with `--reprofile`).
+
+Workload: the first N requests of the ShareGPT length trace with lengths
+scaled into a 1024-token context (the trace's 8k tokens become 1k), Poisson
+arrivals at `--rate`, greedy decoding with `ignore_eos` and each request's own
+`max_tokens`, so both runs generate exactly the same tokens per request. The
+real prompts are random (seeded) token ids of those lengths.
+
+It prints TTFT and TPOT p50/p99 of both and their relative errors
+|sim - real| / real (target: every one <= 0.10), and, to explain a miss, how
+well the latency model predicts the real run's own steps.
+
+The real figures are only this engine's on an idle machine: torch runs a
+thread per core, and a neighbour process that takes a core slows every step
+several-fold. The replay measures how long its threads waited for a CPU and
+warns above 5 % of the step time; `--wait-idle` waits for quiet first. Under
+this load the percentiles move one to three times as much as the step times
+(queueing), so a machine whose speed drifts by 5 % between the profile and
+the replay moves them by 5-15 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+CONTEXT = 1024
+SHAREGPT_MAX_TOKENS = 8192  # the length trace is filtered to 8k tokens per request
+DEFAULT_REQUESTS = 100
+DEFAULT_RATE = 0.6
+TARGET_ERROR = 0.10
+MAX_CONTENTION = 0.05  # above this, the replay was slowed by other processes (see runqueue_wait_seconds)
+METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
+
+
+@dataclass
+class FidelityWorkload:
+    """The same requests for both runs: `sim` for the simulator, `real` with prompt token ids for the engine."""
+
+    sim: list  # WorkloadRequest
+    real: list  # TimedRequest
+
+
+def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
+                  context: int = CONTEXT) -> FidelityWorkload:
+    """ShareGPT lengths scaled into `context`, Poisson arrivals at `rate`, seeded random prompt ids."""
+    import numpy as np
+
+    from shunter.bench.replay import TimedRequest
+    from shunter.sim.profile import LOW_TOKEN_ID
+    from shunter.sim.workloads import WorkloadSpec, load_workload
+
+    scale = context / SHAREGPT_MAX_TOKENS
+    spec = WorkloadSpec("sharegpt", rate=rate, max_requests=num_requests, seed=seed)
+    rng = np.random.default_rng(seed)
+    sim, real = [], []
+    for w in load_workload(spec):
+        prompt = max(1, round(w.num_prompt_tokens * scale))
+        output = max(1, min(round(w.num_output_tokens * scale), context - prompt))
+        w = replace(w, num_prompt_tokens=prompt, num_output_tokens=output)
+        sim.append(w)
+        tokens = rng.integers(LOW_TOKEN_ID, vocab_size, size=prompt).tolist()
+        real.append(TimedRequest(w.request_id, w.arrival_time, tokens, output))
+    return FidelityWorkload(sim, real)
+
+
+def simulate(workload: FidelityWorkload, latency, max_model_len: int):
+    """The workload on one simulated instance with the real engine's scheduler limits."""
+    from shunter.sim.profile import engine_scheduler_config
+    from shunter.sim.simulator import SimConfig, Simulator
+
+    config = SimConfig(num_instances=1, scheduler=engine_scheduler_config(max_model_len), control_interval=None)
+    result = Simulator(config, latency, workload.sim).run()
+    if result.rejected or result.unfinished:
+        raise RuntimeError(f"the simulator left requests unserved: {result.rejected or result.unfinished}")
+    return result
+
+
+def latency_figures(records) -> dict[str, float]:
+    from shunter.sim.metrics import summarize
+
+    ttft = summarize(r.ttft for r in records)
+    tpot = summarize(r.tpot for r in records if r.tpot is not None)
+    return {"ttft_p50": ttft["p50"], "ttft_p99": ttft["p99"], "tpot_p50": tpot["p50"], "tpot_p99": tpot["p99"],
+            "ttft_mean": ttft["mean"], "tpot_mean": tpot["mean"]}
+
+
+def step_model_error(latency, steps) -> dict[str, float]:
+    """How the latency model does on the real run's own steps: per step, and on their total."""
+    predicted = [latency.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps]
+    errors = sorted(abs(p - s.seconds) / s.seconds for p, s in zip(predicted, steps))
+    return {"steps": len(steps), "mean_abs_error": sum(errors) / len(errors),
+            "median_abs_error": errors[len(errors) // 2],
+            "busy_seconds_real": sum(s.seconds for s in steps), "busy_seconds_predicted": sum(predicted)}
+
+
+def per_request(workload: FidelityWorkload, real_records, sim_records) -> list[dict]:
+    """Each request's lengths and its TTFT/TPOT in both runs, in arrival order."""
+    real = {r.request_id: r for r in real_records}
+    sim = {r.request_id: r for r in sim_records}
+    return [{"id": w.request_id, "arrival": w.arrival_time, "prompt": w.num_prompt_tokens,
+             "output": w.num_output_tokens, "real_ttft": real[w.request_id].ttft, "sim_ttft": sim[w.request_id].ttft,
+             "real_tpot": real[w.request_id].tpot, "sim_tpot": sim[w.request_id].tpot} for w in workload.sim]
+
+
+def compare(real: dict[str, float], sim: dict[str, float]) -> dict[str, float]:
+    return {f"{m}_err": abs(sim[m] - real[m]) / real[m] for m in METRICS}
+
+
+def format_report(report: dict) -> str:
+    real, sim = report["real"], report["sim"]
+    lines = [f"{'':<10} {'real':>9} {'sim':>9} {'error':>7}"]
+    for m in METRICS:
+        err = report[f"{m}_err"]
+        flag = "" if err <= TARGET_ERROR else "  > target"
+        lines.append(f"{m:<10} {real[m]:>8.3f}s {sim[m]:>8.3f}s {err:>7.1%}{flag}")
+    s = report["diagnostics"]["replay_steps"]
+    lines.append(f"latency model on the real run's {s['steps']} steps: mean |error| {s['mean_abs_error']:.1%}, "
+                 f"median {s['median_abs_error']:.1%}; busy time real {s['busy_seconds_real']:.1f} s, predicted "
+                 f"{s['busy_seconds_predicted']:.1f} s; simulator {report['diagnostics']['sim_steps']} steps")
+    d = report["diagnostics"]
+    others = d["other_processes_cpus"]
+    lines.append(f"driver gaps between steps {d['driver_gap_seconds']:.3f} s in total; replay {d['replay_seconds']:.1f} s; "
+                 f"load average {d['load_average']}; other processes used "
+                 f"{'?' if others is None else f'{others:.2f}'} CPUs")
+    contention = d["replay_contention"]
+    if contention is not None and contention > MAX_CONTENTION:
+        lines.append(f"warning: other processes held this machine's CPUs during the replay (its threads waited "
+                     f"{contention:.0%} of the step time for a CPU); the real figures are not this engine's alone, "
+                     f"run again when the machine is idle")
+    return "\n".join(lines)
+
+
+def register(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "fidelity", help="simulator vs the real engine on one workload: TTFT/TPOT p50/p99 errors",
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the errors and figures here")
+    p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests in the workload")
+    p.add_argument("--rate", type=float, default=DEFAULT_RATE, help="Poisson arrival rate, requests/s")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals and prompt tokens")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="profile JSON for the simulator (default: the packaged cpu/smollm2-135m one)")
+    p.add_argument("--reprofile", action="store_true", help="profile this machine first and simulate with that")
+    p.add_argument("--save-profile", default=None, metavar="PATH", help="with --reprofile: also write the profile here")
+    p.add_argument("--quick-profile", action="store_true", help="with --reprofile: the small grid of `profile --quick`")
+    p.add_argument("--save-steps", default=None, metavar="PATH",
+                   help="write the real run's steps (batch summary and wall time) here, in the profile format")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="model dtype (default: the profile's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's)")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before profiling and before the replay, wait up to this long for other processes "
+                        "to leave the CPUs alone")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    from shunter.sim.profile import one_line_error
+
+    p.error = one_line_error
+
+
+def run(args: argparse.Namespace) -> int:
+    from shunter.sim.profile import packaged_profile
+
+    if args.requests < 1:
+        raise ValueError(f"--requests must be at least 1, got {args.requests}")
+    if not args.rate > 0:
+        raise ValueError(f"--rate must be a positive number of requests/s, got {args.rate}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    if args.wait_idle < 0:
+        raise ValueError(f"--wait-idle must be >= 0 seconds, got {args.wait_idle}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    if args.reprofile and args.profile:
+        raise ValueError("give --profile PATH or --reprofile, not both")
+    if (args.save_profile or args.quick_profile) and not args.reprofile:
+        raise ValueError("--save-profile and --quick-profile apply only with --reprofile")
+    for path in (args.json_path, args.save_profile, args.save_steps):
+        if path and not Path(path).parent.is_dir():
+            raise ValueError(f"cannot write {path!r}: its directory does not exist")
+
+    from shunter.sim.profiled import Profile
+
+    profile = None
+    if not args.reprofile:
+        path = args.profile or packaged_profile("cpu", "smollm2-135m")
+        if path is None:
+            raise ValueError("no packaged cpu/smollm2-135m profile in this installation; give --profile PATH or --reprofile")
+        profile = Profile.load(path)  # ValueError naming the path if it is missing or bad
+        dtype = args.dtype or profile.metadata["dtype"]
+        threads = args.threads or profile.metadata["threads"]
+    else:
+        from shunter.sim.profile import default_threads
+
+        dtype = args.dtype or "auto"
+        threads = args.threads or default_threads()
+    show = not args.quiet and sys.stderr.isatty()
+    return _run(args, profile, dtype, threads, show)
+
+
+def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
+    from shunter.bench.replay import replay
+    from shunter.cli import CLIError
+    from shunter.sim.profile import (
+        DEFAULT_GRID, QUICK_GRID, CpuSnapshot, MachineBusyError, Profiler, build_engine, fit_summary, load_average,
+        profile_engine, wait_until_idle,
+    )
+    from shunter.sim.profiled import ProfiledLatency
+
+    real = build_engine(dtype, threads)
+    if profile is not None and (profile.metadata["dtype"] != real.dtype or profile.metadata["threads"] != real.threads):
+        print(f"warning: the profile was measured with {profile.metadata['dtype']} and {profile.metadata['threads']} "
+              f"threads, this engine runs {real.dtype} with {real.threads}", file=sys.stderr)
+    if args.reprofile:
+        grid = QUICK_GRID if args.quick_profile else DEFAULT_GRID
+        if args.wait_idle:
+            wait_until_idle(args.wait_idle)
+        try:
+            profile, points, held_out = profile_engine(real, grid, show_progress=show_progress)
+        except MachineBusyError as e:
+            raise CLIError(str(e)) from None
+        latency = ProfiledLatency.from_profile(profile)
+        profile.metadata["fit"] = fit_summary(latency, points, held_out)
+        if args.save_profile:
+            profile.save(args.save_profile)
+    else:
+        latency = ProfiledLatency.from_profile(profile)
+        # One-time costs (kernel set-up, allocator growth) are not part of serving.
+        Profiler(real.engine, real.vocab_size, DEFAULT_GRID).warmup()
+
+    workload = make_workload(args.requests, args.rate, args.seed, real.vocab_size)
+    num_prompt = sum(w.num_prompt_tokens for w in workload.sim)
+    num_output = sum(w.num_output_tokens for w in workload.sim)
+    span = workload.sim[-1].arrival_time
+    print(f"{len(workload.sim)} requests over {span:.0f} s ({args.rate:g} req/s): {num_prompt} prompt + {num_output} "
+          f"output tokens; {real.dtype}, {real.threads} threads; profile fit error {latency.fit_error:.1%}")
+
+    if args.wait_idle:
+        wait_until_idle(args.wait_idle)
+    load_before = load_average()
+    cpu_before = CpuSnapshot.take()
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(workload.real), unit="req", desc="replaying", leave=False)
+    try:
+        measured = replay(real.engine, workload.real, on_finish=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    load_after = load_average()
+    others = None if cpu_before is None else CpuSnapshot.take().others_since(cpu_before)
+
+    t0 = time.perf_counter()
+    sim_result = simulate(workload, latency, real.max_model_len)
+    sim_wall = time.perf_counter() - t0
+
+    real_figures = latency_figures(measured.records)
+    sim_figures = latency_figures(sim_result.records)
+    report = {
+        **compare(real_figures, sim_figures),
+        "target": TARGET_ERROR,
+        "real": real_figures,
+        "sim": sim_figures,
+        "workload": {"requests": len(workload.sim), "rate": args.rate, "seed": args.seed, "context": CONTEXT,
+                     "prompt_tokens": num_prompt, "output_tokens": num_output, "span_seconds": span},
+        "engine": {"dtype": real.dtype, "threads": real.threads, "attention_backend": real.attention_backend,
+                   "scheduler": {k: getattr(real.engine.config, k) for k in (
+                       "num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+                       "enable_prefix_caching")}},
+        "profile": {"source": "reprofiled" if args.reprofile else str(args.profile or "packaged"),
+                    "coefficients": latency.coefficients, "fit_error": latency.fit_error,
+                    "measured_at": profile.metadata.get("measured_at"),
+                    "load_average": profile.metadata.get("load_average")},
+        "requests": per_request(workload, measured.records, sim_result.records),
+        "diagnostics": {
+            "replay_steps": step_model_error(latency, measured.steps),
+            "sim_steps": sim_result.instance_num_steps["0"],
+            "driver_gap_seconds": measured.step_gaps,
+            "replay_contention": measured.contention,
+            "other_processes_cpus": others,
+            "replay_seconds": measured.wall_seconds,
+            "sim_wall_seconds": sim_wall,
+            "load_average": {"before": load_before, "after": load_after},
+        },
+    }
+    print(format_report(report))
+    if args.save_steps:
+        from shunter.sim.profiled import Profile
+
+        metadata = {**profile.metadata, "source": "the real run of shunter bench fidelity (one step per entry)",
+                    "workload": report["workload"]}
+        metadata.pop("fit", None)
+        Profile(metadata, measured.steps).save(args.save_steps)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    return 0
