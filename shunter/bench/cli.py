@@ -15,11 +15,6 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark (prints figure and baseline)")
     bench_sub = parser.add_subparsers(dest="bench", metavar="NAME")
     for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
+        module = importlib.import_module(name)
         module.register(bench_sub)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
