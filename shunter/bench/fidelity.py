@@ -8,8 +8,13 @@ One bounded workload runs twice, with the same `SchedulerConfig`
   arrival times, one engine step after another, tokens stamped when their
   step returns);
 - simulated: one `cpu` instance of `smollm2-135m` in `shunter.sim.Simulator`,
-  with the `profiled` latency model fitted from a profile of this engine (the
-  packaged one by default, `--profile PATH`, or a fresh one with `--reprofile`).
+  with the `profiled` latency model fitted from a profile of this engine. By
+  default the benchmark first profiles this machine (`shunter profile`'s grid,
+  `--profile-rounds` times over): a profile describes the machine it was
+  measured on, and hosts of one machine class differ by 10-30 % (the packaged
+  profile and a previous one, taken on an AMD and an Intel host of this class,
+  differ by 2x on prefill). `--profile PATH` reuses a profile measured here
+  before; `--profile packaged` takes the one shipped with Shunter.
 
 Workload: the first N requests of the ShareGPT length trace with lengths
 scaled into a 1024-token context (the trace's 8k tokens become 1k), Poisson
@@ -44,8 +49,10 @@ SHAREGPT_MAX_TOKENS = 8192  # the length trace is filtered to 8k tokens per requ
 DEFAULT_REQUESTS = 100
 DEFAULT_RATE = 0.6
 TARGET_ERROR = 0.10
+DEFAULT_PROFILE_ROUNDS = 2  # one round leaves a grid point's mean 2-4 % off on a jittery 2-core machine
 MAX_CONTENTION = 0.05  # above this, the replay was slowed by other processes (see runqueue_wait_seconds)
 METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
+PACKAGED = "packaged"  # `--profile packaged`: the profile shipped with Shunter
 
 
 @dataclass
@@ -155,10 +162,12 @@ def register(bench_subparsers) -> None:
     p.add_argument("--rate", type=float, default=DEFAULT_RATE, help="Poisson arrival rate, requests/s")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals and prompt tokens")
     p.add_argument("--profile", default=None, metavar="PATH",
-                   help="profile JSON for the simulator (default: the packaged cpu/smollm2-135m one)")
-    p.add_argument("--reprofile", action="store_true", help="profile this machine first and simulate with that")
-    p.add_argument("--save-profile", default=None, metavar="PATH", help="with --reprofile: also write the profile here")
-    p.add_argument("--quick-profile", action="store_true", help="with --reprofile: the small grid of `profile --quick`")
+                   help="simulate with this profile JSON (measured on this machine), or 'packaged' for the one "
+                        "shipped with Shunter (default: profile this machine first)")
+    p.add_argument("--profile-rounds", type=int, default=DEFAULT_PROFILE_ROUNDS,
+                   help="when profiling first: measure the grid this many times over")
+    p.add_argument("--save-profile", default=None, metavar="PATH", help="when profiling first: also write the profile here")
+    p.add_argument("--quick-profile", action="store_true", help="when profiling first: the small grid of `profile --quick`")
     p.add_argument("--save-steps", default=None, metavar="PATH",
                    help="write the real run's steps (batch summary and wall time) here, in the profile format")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
@@ -187,27 +196,31 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--wait-idle must be >= 0 seconds, got {args.wait_idle}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be positive, got {args.threads}")
-    if args.reprofile and args.profile:
-        raise ValueError("give --profile PATH or --reprofile, not both")
-    if (args.save_profile or args.quick_profile) and not args.reprofile:
-        raise ValueError("--save-profile and --quick-profile apply only with --reprofile")
+    if args.profile_rounds < 1:
+        raise ValueError(f"--profile-rounds must be at least 1, got {args.profile_rounds}")
+    if args.profile and (args.save_profile or args.quick_profile):
+        raise ValueError("--save-profile and --quick-profile apply only when the benchmark profiles this machine "
+                         "(without --profile)")
     for path in (args.json_path, args.save_profile, args.save_steps):
         if path and not Path(path).parent.is_dir():
             raise ValueError(f"cannot write {path!r}: its directory does not exist")
 
+    from shunter.sim.profile import cpu_name, default_threads
     from shunter.sim.profiled import Profile
 
     profile = None
-    if not args.reprofile:
-        path = args.profile or packaged_profile("cpu", "smollm2-135m")
+    if args.profile:
+        path = packaged_profile("cpu", "smollm2-135m") if args.profile == PACKAGED else args.profile
         if path is None:
-            raise ValueError("no packaged cpu/smollm2-135m profile in this installation; give --profile PATH or --reprofile")
+            raise ValueError("no packaged cpu/smollm2-135m profile in this installation; give --profile PATH")
         profile = Profile.load(path)  # ValueError naming the path if it is missing or bad
+        measured_on = profile.metadata.get("cpu")
+        if measured_on is not None and measured_on != cpu_name():
+            print(f"warning: the profile was measured on {measured_on!r}, this machine is {cpu_name()!r}; the "
+                  f"simulator will predict that machine's latencies", file=sys.stderr)
         dtype = args.dtype or profile.metadata["dtype"]
         threads = args.threads or profile.metadata["threads"]
     else:
-        from shunter.sim.profile import default_threads
-
         dtype = args.dtype or "auto"
         threads = args.threads or default_threads()
     show = not args.quiet and sys.stderr.isatty()
@@ -218,8 +231,8 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
     from shunter.bench.replay import replay
     from shunter.cli import CLIError
     from shunter.sim.profile import (
-        DEFAULT_GRID, QUICK_GRID, CpuSnapshot, MachineBusyError, Profiler, build_engine, fit_summary, load_average,
-        profile_engine, wait_until_idle,
+        DEFAULT_GRID, QUICK_GRID, CpuSnapshot, MachineBusyError, Profiler, build_engine, cpu_name, fit_summary,
+        load_average, profile_engine, wait_until_idle,
     )
     from shunter.sim.profiled import ProfiledLatency
 
@@ -227,12 +240,15 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
     if profile is not None and (profile.metadata["dtype"] != real.dtype or profile.metadata["threads"] != real.threads):
         print(f"warning: the profile was measured with {profile.metadata['dtype']} and {profile.metadata['threads']} "
               f"threads, this engine runs {real.dtype} with {real.threads}", file=sys.stderr)
-    if args.reprofile:
+    if profile is None:
         grid = QUICK_GRID if args.quick_profile else DEFAULT_GRID
         if args.wait_idle:
             wait_until_idle(args.wait_idle)
+        print(f"profiling this machine ({cpu_name()}) first: {args.profile_rounds} round(s) of the "
+              f"{'quick' if args.quick_profile else 'default'} grid")
         try:
-            profile, points, held_out = profile_engine(real, grid, show_progress=show_progress)
+            profile, points, held_out = profile_engine(real, grid, show_progress=show_progress,
+                                                       rounds=args.profile_rounds)
         except MachineBusyError as e:
             raise CLIError(str(e)) from None
         latency = ProfiledLatency.from_profile(profile)
@@ -285,7 +301,8 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
                    "scheduler": {k: getattr(real.engine.config, k) for k in (
                        "num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
                        "enable_prefix_caching")}},
-        "profile": {"source": "reprofiled" if args.reprofile else str(args.profile or "packaged"),
+        "profile": {"source": args.profile or f"measured in this run ({args.profile_rounds} rounds)",
+                    "cpu": profile.metadata.get("cpu"),
                     "coefficients": latency.coefficients, "fit_error": latency.fit_error,
                     "measured_at": profile.metadata.get("measured_at"),
                     "load_average": profile.metadata.get("load_average")},

@@ -529,6 +529,18 @@ def profile_engine(real: RealEngine, grid: ProfileGrid, *, show_progress: bool =
 
 
 # ---- reporting -------------------------------------------------------------------------------
+# How `format_report` prints each fitted coefficient: (scale, unit).
+COEFFICIENT_UNITS = {
+    "intercept": (1e-3, "ms"),
+    "prefill_tokens": (1e-6, "us/token"),
+    "prefill_attention_pairs": (1e-9, "ns/pair"),
+    "prefill_chunks": (1e-3, "ms/chunk"),
+    "prefill_cached_tokens": (1e-6, "us/cached token"),
+    "num_decodes": (1e-6, "us/decode"),
+    "sum_decode_context": (1e-9, "ns/context token"),
+}
+
+
 def format_report(model, points: list[GridPoint], held_out: list) -> str:
     """The measured table with the fit's predictions, its coefficients and its errors."""
     lines = [f"{'kind':<8} {'point':<34} {'mean ms':>11} {'spread':>7} {'fit ms':>8} {'error':>7}"]
@@ -541,12 +553,11 @@ def format_report(model, points: list[GridPoint], held_out: list) -> str:
         spread = (max(p.samples) - min(p.samples)) / s.seconds if len(p.samples) > 1 else 0.0
         lines.append(f"{p.kind:<8} {p.label:<34} {s.seconds * 1e3:>11.1f} {spread:>6.0%} "
                      f"{predicted * 1e3:>8.1f} {err:>+7.1%}")
-    c = model.coefficients
     lines.append("")
-    lines.append("fit: seconds = a + b*prefill_tokens + c*prefill_attention_pairs + d*num_decodes + e*sum_decode_context")
-    lines.append(f"  a = {c['intercept'] * 1e3:.3f} ms   b = {c['prefill_tokens'] * 1e6:.2f} us/token   "
-                 f"c = {c['prefill_attention_pairs'] * 1e9:.3f} ns/pair   d = {c['num_decodes'] * 1e6:.1f} us/decode   "
-                 f"e = {c['sum_decode_context'] * 1e9:.1f} ns/context token")
+    lines.append("fit: seconds = intercept + the sum of coefficient x feature (non-negative least squares):")
+    for name, value in model.coefficients.items():
+        scale, unit = COEFFICIENT_UNITS[name]
+        lines.append(f"  {name:<24} {value / scale:>9.3f} {unit}")
     lines.append(f"  relative error on the {len(points)} grid points: mean {statistics.fmean(errors):.1%}, "
                  f"max {max(errors):.1%}")
     if held_out:

@@ -24,9 +24,15 @@ metadata keys are kept. `ProfileStep.from_batch(batch, seconds)` turns a real
 profiler needs nothing else.
 
 Fit: seconds ~ a + b * prefill_tokens + c * prefill_attention_pairs
-               + d * num_decodes + e * sum_decode_context,
+               + d * prefill_chunks + e * prefill_cached_tokens
+               + f * num_decodes + g * sum_decode_context,
 with non-negative coefficients (scipy's NNLS on columns scaled to unit norm),
 minimising the relative error of each step (rows weighted by 1 / seconds).
+`prefill_chunks` is each chunk's fixed cost (its own attention call per layer,
+its mask); `prefill_cached_tokens` (context before the chunk) is the cost of
+gathering a chunk's earlier KV out of the paged cache, which a chunk pays even
+when it is small. On the CPU engine these two halved the fit's bias on decode
+steps and its error on small chunks after a long prefix (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from shunter.sim.latency import LatencyModel, PrefillChunks, prefill_attention_p
 
 FORMAT = "shunter-profile"
 VERSION = 1
-FEATURES = ("intercept", "prefill_tokens", "prefill_attention_pairs", "num_decodes", "sum_decode_context")
+FEATURES = ("intercept", "prefill_tokens", "prefill_attention_pairs", "prefill_chunks", "prefill_cached_tokens",
+            "num_decodes", "sum_decode_context")
 REQUIRED_METADATA = ("hardware", "model", "dtype", "threads", "block_size", "num_blocks")
 
 
@@ -68,13 +75,23 @@ class ProfileStep:
                 "sum_decode_context": self.sum_decode_context, "seconds": self.seconds}
 
 
-def step_features(prefills: PrefillChunks, num_decodes: int, sum_decode_context: int) -> list[float]:
+def prefill_aggregates(prefills: PrefillChunks) -> tuple[int, int, int]:
+    """(prefill tokens, attention pairs, cached context tokens) summed over a step's prefill chunks."""
     tokens = 0
     pairs = 0
+    cached = 0
     for n, context in prefills:
         tokens += n
         pairs += prefill_attention_pairs(n, context)
-    return [1.0, float(tokens), float(pairs), float(num_decodes), float(sum_decode_context)]
+        cached += context - n
+    return tokens, pairs, cached
+
+
+def step_features(prefills: PrefillChunks, num_decodes: int, sum_decode_context: int) -> list[float]:
+    """The values of `FEATURES` for one step."""
+    tokens, pairs, cached = prefill_aggregates(prefills)
+    return [1.0, float(tokens), float(pairs), float(len(prefills)), float(cached), float(num_decodes),
+            float(sum_decode_context)]
 
 
 @dataclass
@@ -185,13 +202,15 @@ class ProfiledLatency(LatencyModel):
         self.coefficients = {f: float(coefficients[f]) for f in FEATURES}
         self.metadata = dict(metadata or {})
         c = self.coefficients
-        self._a = c["intercept"]
-        self._b = c["prefill_tokens"]
-        self._c = c["prefill_attention_pairs"]
-        self._d = c["num_decodes"]
-        self._e = c["sum_decode_context"]
+        self._intercept = c["intercept"]
+        self._per_prefill_token = c["prefill_tokens"]
+        self._per_pair = c["prefill_attention_pairs"]
+        self._per_chunk = c["prefill_chunks"]
+        self._per_cached_token = c["prefill_cached_tokens"]
+        self._per_decode = c["num_decodes"]
+        self._per_decode_context = c["sum_decode_context"]
         self.fit_error: float | None = None  # mean |relative error| over the profile, set by from_profile
-        if not (self._time(1, 1, 0, 0) > 0 and self._time(0, 0, 1, 1) > 0):
+        if not (self.step_time([(1, 1)], 0, 0) > 0 and self.decode_time(1, 1) > 0):
             raise ValueError("the fitted model predicts zero time for a one-token step; the profile needs "
                              "steps of different sizes")
 
@@ -207,19 +226,16 @@ class ProfiledLatency(LatencyModel):
     def from_path(cls, path: str | Path) -> ProfiledLatency:
         return cls.from_profile(Profile.load(path))
 
-    def _time(self, prefill_tokens: int, pairs: int, num_decodes: int, sum_context: int) -> float:
-        return self._a + self._b * prefill_tokens + self._c * pairs + self._d * num_decodes + self._e * sum_context
-
     def step_time(self, prefills: PrefillChunks, num_decodes: int, sum_decode_context: int) -> float:
-        tokens = 0
-        pairs = 0
-        for n, context in prefills:
-            tokens += n
-            pairs += prefill_attention_pairs(n, context)
-        return self._time(tokens, pairs, num_decodes, sum_decode_context)
+        if not prefills:
+            return self.decode_time(num_decodes, sum_decode_context)
+        tokens, pairs, cached = prefill_aggregates(prefills)
+        prefill = (self._per_prefill_token * tokens + self._per_pair * pairs + self._per_chunk * len(prefills)
+                   + self._per_cached_token * cached)
+        return self.decode_time(num_decodes, sum_decode_context) + prefill
 
     def decode_time(self, num_decodes: int, sum_decode_context: int) -> float:
-        return self._time(0, 0, num_decodes, sum_decode_context)
+        return self._intercept + self._per_decode * num_decodes + self._per_decode_context * sum_decode_context
 
     def kv_capacity_blocks(self, block_size: int, max_num_batched_tokens: int) -> int | None:
         """The profiled engine's KV capacity in tokens, re-cut into blocks of `block_size`."""

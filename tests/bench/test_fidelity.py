@@ -121,8 +121,9 @@ def test_simulate_serves_every_request():
     (["bench", "fidelity", "--rate", "0"], "--rate"),
     (["bench", "fidelity", "--profile", "/nonexistent/profile.json"], "/nonexistent/profile.json"),
     (["bench", "fidelity", "--threads", "0"], "--threads"),
-    (["bench", "fidelity", "--reprofile", "--profile", "x.json"], "not both"),
-    (["bench", "fidelity", "--save-profile", "p.json"], "--reprofile"),
+    (["bench", "fidelity", "--profile", "x.json", "--save-profile", "p.json"], "--save-profile"),
+    (["bench", "fidelity", "--profile", "packaged", "--quick-profile"], "--quick-profile"),
+    (["bench", "fidelity", "--profile-rounds", "0"], "--profile-rounds"),
     (["bench", "fidelity", "--json", "/nonexistent/dir/out.json"], "/nonexistent/dir/out.json"),
     (["bench", "fidelity", "--wait-idle", "-5"], "--wait-idle"),
 ])

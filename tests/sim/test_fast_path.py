@@ -76,7 +76,8 @@ def test_fast_path_equals_step_by_step_with_migrations_and_debug():
 
 def test_profiled_latency_takes_the_generic_decode_path():
     model = ProfiledLatency({"intercept": 2e-3, "prefill_tokens": 1e-5, "prefill_attention_pairs": 1e-9,
-                             "num_decodes": 1e-4, "sum_decode_context": 1e-7})
+                             "prefill_chunks": 5e-4, "prefill_cached_tokens": 2e-6, "num_decodes": 1e-4,
+                             "sum_decode_context": 1e-7})
     fast, slow = _run_both(random_workload(4, 40, rate=30.0), model, num_instances=2)
     _assert_same(fast, slow)
 

@@ -14,8 +14,8 @@ from shunter.sim.profile import (
 from shunter.sim.profiled import FEATURES, Profile, ProfiledLatency, step_features
 from tests.factories import FakeExecutor
 
-# A made-up engine: seconds = a + b*prefill tokens + c*pairs + d*decodes + e*decode context.
-TRUE_COEFFICIENTS = dict(zip(FEATURES, (0.02, 3e-4, 2e-8, 5e-5, 3e-7)))
+# A made-up engine: seconds = a linear function of every fitted feature (profiled.FEATURES).
+TRUE_COEFFICIENTS = dict(zip(FEATURES, (0.02, 3e-4, 2e-8, 2e-3, 1e-5, 5e-5, 3e-7)))
 METADATA = {"hardware": "cpu", "model": "smollm2-135m", "dtype": "bfloat16", "threads": 2,
             "block_size": 16, "num_blocks": 4096}
 

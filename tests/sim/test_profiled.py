@@ -10,8 +10,8 @@ from shunter.request import Request
 from shunter.sim.latency import build_latency_model
 from shunter.sim.profiled import FEATURES, Profile, ProfiledLatency, ProfileStep, fit_coefficients
 
-TRUE = {"intercept": 4e-3, "prefill_tokens": 2.5e-5, "prefill_attention_pairs": 3e-9, "num_decodes": 2e-4,
-        "sum_decode_context": 1.5e-7}
+TRUE = {"intercept": 4e-3, "prefill_tokens": 2.5e-5, "prefill_attention_pairs": 3e-9, "prefill_chunks": 1e-3,
+        "prefill_cached_tokens": 4e-6, "num_decodes": 2e-4, "sum_decode_context": 1.5e-7}
 METADATA = {"hardware": "cpu", "model": "smollm2-135m", "dtype": "float32", "threads": 2, "block_size": 16,
             "num_blocks": 512}
 
@@ -50,7 +50,7 @@ def test_fit_is_close_with_noise_and_predicts_well():
 def test_a_feature_never_exercised_gets_zero():
     steps = [ProfileStep([], d, d * 100, 1e-3 + 1e-4 * d) for d in range(1, 20)]  # decode-only profile
     fitted = fit_coefficients(steps)
-    assert fitted["prefill_tokens"] == 0 and fitted["prefill_attention_pairs"] == 0
+    assert all(fitted[name] == 0 for name in FEATURES if name.startswith("prefill"))
     assert fitted["num_decodes"] + fitted["sum_decode_context"] * 100 == pytest.approx(1e-4, rel=1e-6)
 
 
