@@ -153,6 +153,15 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def other_machine_warning(metadata: dict, this_cpu: str) -> str | None:
+    """Why a profile may not describe this machine (measured on another CPU), or None."""
+    measured_on = metadata.get("cpu")
+    if measured_on is None or measured_on == this_cpu:
+        return None
+    return (f"the profile was measured on {measured_on!r}, this machine is {this_cpu!r}; the simulator will "
+            f"predict that machine's latencies")
+
+
 def register(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "fidelity", help="simulator vs the real engine on one workload: TTFT/TPOT p50/p99 errors",
@@ -214,10 +223,9 @@ def run(args: argparse.Namespace) -> int:
         if path is None:
             raise ValueError("no packaged cpu/smollm2-135m profile in this installation; give --profile PATH")
         profile = Profile.load(path)  # ValueError naming the path if it is missing or bad
-        measured_on = profile.metadata.get("cpu")
-        if measured_on is not None and measured_on != cpu_name():
-            print(f"warning: the profile was measured on {measured_on!r}, this machine is {cpu_name()!r}; the "
-                  f"simulator will predict that machine's latencies", file=sys.stderr)
+        warning = other_machine_warning(profile.metadata, cpu_name())
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         dtype = args.dtype or profile.metadata["dtype"]
         threads = args.threads or profile.metadata["threads"]
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shunter.bench.fidelity import compare, latency_figures, make_workload, simulate
+from shunter.bench.fidelity import compare, latency_figures, make_workload, other_machine_warning, simulate
 from shunter.bench.replay import TimedRequest, replay
 from shunter.cli import main
 from shunter.engine import InstanceEngine
@@ -148,3 +148,10 @@ def test_a_bad_profile_file_is_one_line(tmp_path, capsys):
     assert main(["bench", "fidelity", "--profile", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a Shunter profile" in err
+
+
+def test_a_profile_from_another_cpu_is_flagged():
+    assert other_machine_warning({"cpu": "Intel Xeon"}, "Intel Xeon") is None
+    assert other_machine_warning({}, "Intel Xeon") is None  # an older profile that does not say
+    warning = other_machine_warning({"cpu": "AMD EPYC"}, "Intel Xeon")
+    assert "AMD EPYC" in warning and "Intel Xeon" in warning
