@@ -11,10 +11,10 @@ One bounded workload runs twice, with the same `SchedulerConfig`
   with the `profiled` latency model fitted from a profile of this engine. By
   default the benchmark first profiles this machine (`shunter profile`'s grid,
   `--profile-rounds` times over): a profile describes the machine it was
-  measured on, and hosts of one machine class differ by 10-30 % (the packaged
-  profile and a previous one, taken on an AMD and an Intel host of this class,
-  differ by 2x on prefill). `--profile PATH` reuses a profile measured here
-  before; `--profile packaged` takes the one shipped with Shunter.
+  measured on, and hosts of one machine class differ (two profiles of this
+  project's 2-core class, from an AMD and an Intel host, differ by 2x on
+  prefill). `--profile PATH` reuses a profile measured here before;
+  `--profile packaged` takes the one shipped with Shunter.
 
 Workload: the first N requests of the ShareGPT length trace with lengths
 scaled into a 1024-token context (the trace's 8k tokens become 1k), Poisson
