@@ -214,14 +214,15 @@ def run(args: argparse.Namespace) -> int:
         if path and not Path(path).parent.is_dir():
             raise ValueError(f"cannot write {path!r}: its directory does not exist")
 
-    from shunter.sim.profile import cpu_name, default_threads
+    from shunter.sim.profile import BUILTIN_MODEL_NAME, HARDWARE_NAME, cpu_name, default_threads
     from shunter.sim.profiled import Profile
 
     profile = None
     if args.profile:
-        path = packaged_profile("cpu", "smollm2-135m") if args.profile == PACKAGED else args.profile
+        path = packaged_profile(HARDWARE_NAME, BUILTIN_MODEL_NAME) if args.profile == PACKAGED else args.profile
         if path is None:
-            raise ValueError("no packaged cpu/smollm2-135m profile in this installation; give --profile PATH")
+            raise ValueError(f"no packaged {HARDWARE_NAME}/{BUILTIN_MODEL_NAME} profile in this installation; "
+                             "give --profile PATH")
         profile = Profile.load(path)  # ValueError naming the path if it is missing or bad
         warning = other_machine_warning(profile.metadata, cpu_name())
         if warning:
