@@ -26,6 +26,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}
 
     def register(self, name: str, obj: T | None = None):
         """Register `obj` under `name`; without `obj`, return a decorator that does.
@@ -35,7 +36,7 @@ class Registry(Generic[T]):
         """
         if not name or name != name.lower() or " " in name or "_" in name:
             raise ValueError(f"{self.kind} name {name!r} must be lower-case and hyphenated")
-        if name in self._entries:
+        if name in self._entries or name in self._aliases:
             raise ValueError(f"{self.kind} {name!r} is already registered")
 
         def add(entry: T) -> T:
@@ -46,12 +47,28 @@ class Registry(Generic[T]):
             return add(obj)
         return add
 
+    def alias(self, alias: str, name: str) -> None:
+        """Make `alias` another name of the registered `name` (`rr` for `round-robin`)."""
+        self.get(name)
+        if alias in self._entries or alias in self._aliases:
+            raise ValueError(f"{self.kind} {alias!r} is already registered")
+        self._aliases[alias] = name
+
+    def canonical(self, name: str) -> str:
+        """The registered name that `name` (a name or an alias) stands for; ValueError if neither."""
+        name = self._aliases.get(name, name) if isinstance(name, str) else name
+        self.get(name)
+        return name
+
     def get(self, name: str) -> T:
-        """The entry named `name`; ValueError listing the valid names otherwise."""
+        """The entry named `name` (or aliased so); ValueError listing the valid names otherwise."""
         try:
-            return self._entries[name]
+            return self._entries[self._aliases.get(name, name)]
         except (KeyError, TypeError):
-            raise ValueError(f"unknown {self.kind} {name!r}; choose from: {', '.join(self._entries)}") from None
+            raise ValueError(f"unknown {self.kind} {name!r}; choose from: {', '.join(self._listing())}") from None
+
+    def _listing(self) -> list[str]:
+        return [name + "".join(f" ({a})" for a, n in self._aliases.items() if n == name) for name in self._entries]
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -60,7 +77,7 @@ class Registry(Generic[T]):
         return list(self._entries.items())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -27,6 +27,8 @@ def register(bench_subparsers) -> None:
     p.add_argument("--requests", type=int, default=10_000, help="requests of the trace to replay")
     p.add_argument("--instances", type=int, default=16, help="simulated instances")
     p.add_argument("--trace", default="azure2023_conv", help="trace to replay")
+    p.add_argument("--policy", default="infaas", help="policy bundle (shunter simulate --list)")
+    p.add_argument("--control-interval", type=float, default=0.05, help="seconds between load reports")
     p.add_argument("--no-fast-path", action="store_true", help="measure the step-by-step event loop instead")
     p.add_argument("--repeat", type=int, default=1, help="runs; the best is reported")
     p.add_argument("--baseline-requests", type=int, default=1000,
@@ -40,6 +42,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from shunter.cluster.bundles import build_policy
     from shunter.config import SchedulerConfig
     from shunter.sim.latency import RooflineLatency
     from shunter.sim.hardware import get_gpu
@@ -55,8 +58,10 @@ def run_bench(args: argparse.Namespace) -> int:
     workload = load_workload(WorkloadSpec(args.trace, max_requests=args.requests, max_model_len=model.max_model_len))
     scheduler = SchedulerConfig(num_blocks=latency.kv_capacity_blocks(block_size, budget), block_size=block_size,
                                 max_num_batched_tokens=budget, max_num_seqs=256, max_model_len=model.max_model_len)
-    config = SimConfig(num_instances=args.instances, scheduler=scheduler, dispatch="least-load",
-                       fast_path=not args.no_fast_path, control_interval=None)
+    if not args.control_interval > 0:
+        raise ValueError(f"--control-interval must be > 0 seconds, got {args.control_interval}")
+    config = SimConfig(num_instances=args.instances, scheduler=scheduler, policy=build_policy(args.policy),
+                       fast_path=not args.no_fast_path, control_interval=args.control_interval)
     best = float("inf")
     result = None
     for _ in range(args.repeat):
@@ -72,11 +77,13 @@ def run_bench(args: argparse.Namespace) -> int:
         simulate(dataclasses.replace(config, fast_path=False), latency, subset, prefix_caching="auto")
         baseline_rate = len(subset) / (time.perf_counter() - t0)
     steps = sum(result.instance_num_steps.values())
+    num_migrations = sum(1 for m in result.migrations if m.outcome == "committed")
     print(f"shunter bench sim: {len(workload):,} requests of {args.trace} on {args.instances} a100-80gb instances "
-          f"(llama-2-7b, roofline, least-load, fast path {'off' if args.no_fast_path else 'on'}, "
+          f"(llama-2-7b, roofline, policy {args.policy}, control interval {args.control_interval} s, fast path {'off' if args.no_fast_path else 'on'}, "
           f"prefix caching auto -> {'on' if result.prefix_caching else 'off'})")
     print(f"  requests_per_s  {rate:,.0f}   ({best:.2f} s wall; {steps:,} engine steps, "
-          f"{steps / best:,.0f} steps/s; {len(result.records):,} finished)")
+          f"{steps / best:,.0f} steps/s; {len(result.records):,} finished, "
+          f"{num_migrations:,} migrations)")
     if baseline_rate is not None:
         print(f"  in-run baseline {baseline_rate:,.0f} req/s: one event per engine step, first {args.baseline_requests:,} "
               f"requests (ratio x{rate / baseline_rate:.1f})")

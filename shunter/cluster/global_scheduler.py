@@ -1,26 +1,33 @@
-"""The global scheduler: a thin layer that applies registered cluster policies to load reports.
+"""The global scheduler: applies the registered cluster policies to the instances' load reports.
 
-Torch-free, clock-free, no I/O: the real server and the simulator both call it
-with `now`. Today it dispatches; its control step (called every control-loop
-tick) is where migration pairing and autoscaling plug in, each as a registered
-policy, and returns the actions for the driver to carry out.
+Torch-free, clock-free, no I/O: the simulator and the server both call it with
+`now`. It never asks an instance for its load per request. Instances report at
+the control interval (`update_reports`); between reports, the dispatcher adds
+what it dispatched itself to the last report of each instance, as a real
+cluster must. Each control tick (`control_step`) pairs instances for migration
+and returns the orders for the driver to start through the migration
+coordinator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
+from shunter.cluster.bundles import PolicyConfig
+from shunter.cluster.dispatch import DISPATCH, DispatchContext
 from shunter.cluster.instance import Instance
-from shunter.cluster.load import LoadReport
-from shunter.cluster.policies import DISPATCH, DispatchContext
+from shunter.cluster.migration_policy import MIGRATION, MIGRATION_SELECTION, InstanceLoad
+from shunter.engine import LoadReport
+from shunter.engine.block_manager import cdiv
 from shunter.request import Request
 
 
 @dataclass(frozen=True, slots=True)
 class MigrationOrder:
-    """Move `request_id` from instance `src_id` to `dst_id` (carried out by the driver)."""
+    """Move `request_id` from instance `src_id` to `dst_id` (started by the driver)."""
 
     request_id: str
     src_id: str
@@ -28,47 +35,74 @@ class MigrationOrder:
 
 
 class GlobalScheduler:
-    """Picks an instance for every new request with the dispatch policy named `dispatch`."""
+    """Dispatches new requests and orders migrations with the policies of a `PolicyConfig`."""
 
-    def __init__(self, instances: Sequence[Instance] = (), dispatch: str = "least-load", seed: int = 0) -> None:
-        self.dispatch_name = dispatch
-        self.dispatch_policy = DISPATCH.get(dispatch)
-        self.ctx = DispatchContext(rng=random.Random(seed))
+    def __init__(self, instances: Sequence[Instance] = (), policy: PolicyConfig | None = None, seed: int = 0,
+                 prefill_seconds: Callable[[int], float] | None = None) -> None:
+        self.policy = policy or PolicyConfig()
+        self.dispatch_policy = DISPATCH.get(self.policy.dispatch)
+        self.pairing_policy = MIGRATION.get(self.policy.migration)
+        self.selection_policy = MIGRATION_SELECTION.get(self.policy.migration_policy.selection)
+        self.ctx = DispatchContext(rng=random.Random(seed), load=self.policy.load, prefill_seconds=prefill_seconds)
         self.instances: list[Instance] = []
+        self.draining: set[str] = set()
+        # The dispatcher's view: each instance's last report plus what was dispatched to it since.
+        self.views: dict[str, LoadReport] = {}
+        self.num_dispatches = 0
         for instance in instances:
             self.add_instance(instance)
 
     # ---- membership (scaling adds and drains instances through these) -----------
-    def add_instance(self, instance: Instance) -> None:
+    def add_instance(self, instance: Instance, report: LoadReport | None = None) -> None:
+        """Admit an instance to dispatch; `report` (or one taken at time 0) seeds the dispatcher's view."""
         if any(i.instance_id == instance.instance_id for i in self.instances):
             raise ValueError(f"instance id {instance.instance_id!r} is already in use")
         self.instances.append(instance)
+        self.views[instance.instance_id] = report if report is not None else instance.load_report(0.0)
 
     def remove_instance(self, instance_id: str) -> Instance:
-        for k, instance in enumerate(self.instances):
-            if instance.instance_id == instance_id:
-                return self.instances.pop(k)
-        raise ValueError(f"no instance {instance_id!r}")
+        instance = self.get_instance(instance_id)
+        self.instances.remove(instance)
+        self.views.pop(instance_id, None)
+        self.draining.discard(instance_id)
+        if self.ctx.prefix is not None:
+            self.ctx.prefix.forget(instance_id)
+        return instance
 
     def get_instance(self, instance_id: str) -> Instance:
         for instance in self.instances:
             if instance.instance_id == instance_id:
                 return instance
-        raise ValueError(f"no instance {instance_id!r}")
+        raise ValueError(f"no instance {instance_id!r}; instances: {', '.join(i.instance_id for i in self.instances)}")
+
+    def drain(self, instance_id: str) -> None:
+        """Take no new work on this instance; migration moves its requests away."""
+        self.get_instance(instance_id)
+        self.draining.add(instance_id)
+
+    # ---- load reports ------------------------------------------------------------------
+    def update_reports(self, reports: Sequence[LoadReport]) -> None:
+        """Fresh reports replace the dispatcher's view of those instances."""
+        for report in reports:
+            if report.instance_id in self.views:
+                self.views[report.instance_id] = report
+
+    def collect_reports(self, now: float) -> list[LoadReport]:
+        """Ask every instance for its report (in-process drivers' control tick) and take them in."""
+        reports = [instance.load_report(now) for instance in self.instances]
+        self.update_reports(reports)
+        return reports
 
     # ---- dispatch --------------------------------------------------------------------
-    def load_reports(self, now: float) -> list[LoadReport]:
-        return [instance.load_report(now) for instance in self.instances]
-
     def select_instance(self, request: Request, now: float) -> Instance:
-        """The instance the dispatch policy picks for `request` from reports as of `now`."""
-        if not self.instances:
-            raise ValueError("no instance to dispatch to")
-        if len(self.instances) == 1:
-            index = 0
-        else:
-            index = self.dispatch_policy(self.load_reports(now), request, self.ctx)
-        return self.instances[index]
+        """The instance the dispatch policy picks for `request` from the current view."""
+        candidates = [i for i in self.instances if i.instance_id not in self.draining]
+        if not candidates:
+            raise ValueError("no instance to dispatch to" if not self.instances else "every instance is draining")
+        if len(candidates) == 1:
+            return candidates[0]
+        reports = [self.views[i.instance_id] for i in candidates]
+        return candidates[self.dispatch_policy(reports, request, self.ctx)]
 
     def dispatch(self, request: Request, now: float) -> Instance:
         """Pick an instance and queue the request there; returns the instance."""
@@ -77,19 +111,42 @@ class GlobalScheduler:
         return instance
 
     def assign(self, request: Request, instance: Instance) -> None:
-        """Queue `request` on `instance` (chosen by `select_instance`); ValueError if it can never run there."""
+        """Queue `request` on `instance` (chosen by `select_instance`); ValueError if it can never run there.
+
+        Counts the request in the dispatcher's view of the instance until its next report.
+        """
         instance.add_request(request)
         self.ctx.num_dispatched += 1
+        self.num_dispatches += 1
+        view = self.views[instance.instance_id]
+        blocks = cdiv(request.num_tokens, view.block_size)
+        self.views[instance.instance_id] = dataclasses.replace(
+            view,
+            num_waiting=view.num_waiting + 1,
+            head_block_demand=view.head_block_demand if view.num_waiting else blocks,
+            waiting_block_demand=view.waiting_block_demand + blocks,
+            num_pending_prefill_tokens=view.num_pending_prefill_tokens + request.num_tokens,
+        )
 
     # ---- control loop ---------------------------------------------------------------
-    def control_step(self, reports: Sequence[LoadReport], now: float) -> list[MigrationOrder]:
-        """Called every control-loop tick with fresh reports; returns migrations to start.
+    def control_step(self, now: float, num_migrations: Callable[[str], int] = lambda _: 0) -> list[MigrationOrder]:
+        """One control tick over the current view: the migrations to start.
 
-        No migration policy exists yet, so this returns nothing; a pairing
-        policy (Llumnix: least free sources to freest destinations) goes here.
+        `num_migrations(instance_id)` is how many it has in flight (the
+        coordinator's count). Each paired source picks its request with the
+        selection policy; high-priority requests never move away.
         """
-        return []
-
-    def scaling_decision(self, reports: Sequence[LoadReport], now: float) -> int:
-        """Instances to add (> 0) or drain (< 0); autoscaling is not written yet, so 0."""
-        return 0
+        if len(self.instances) < 2 or self.policy.migration == "none":
+            return []
+        loads = [InstanceLoad(self.views[i.instance_id], i.instance_id in self.draining, num_migrations(i.instance_id))
+                 for i in self.instances]
+        cfg = self.policy.migration_policy
+        orders = []
+        for src, dst in self.pairing_policy(loads, cfg, self.policy.load):
+            source = self.instances[src]
+            # A draining instance sends its queue away too, whatever the policy says about waiting requests.
+            move_waiting = cfg.move_waiting or loads[src].is_draining
+            choice = self.selection_policy(source.migration_candidates(), move_waiting)
+            if choice is not None:
+                orders.append(MigrationOrder(choice.request_id, source.instance_id, self.instances[dst].instance_id))
+        return orders

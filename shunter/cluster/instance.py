@@ -1,6 +1,6 @@
 """What the global scheduler can ask of an instance, and the in-process implementation.
 
-The `Instance` protocol is the seam between cluster policies and engines: the
+The `Instance` protocol is the seam between cluster code and engines: the
 in-process instance (tests, the simulator) calls an `InstanceEngine` directly;
 Ray-actor and remote-HTTP instances implement the same calls over a channel.
 Everything here is synchronous and clock-free: `now` is passed in.
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from shunter.cluster.load import LoadReport
-from shunter.engine import InstanceEngine, RequestState
+from shunter.cluster.migration import MigrationEndpoint
+from shunter.engine import InstanceEngine, LoadReport, RequestState
+from shunter.engine.scheduler import MigrationCandidate, MigrationSnapshot
 from shunter.request import Request, TokenDelta
 
 
 @runtime_checkable
-class Instance(Protocol):
-    """One serving instance as the cluster sees it."""
+class Instance(MigrationEndpoint, Protocol):
+    """One serving instance as the cluster sees it: requests, load, and the calls of live migration."""
 
     instance_id: str
 
@@ -30,17 +31,8 @@ class Instance(Protocol):
     def load_report(self, now: float) -> LoadReport:
         """Queues and KV occupancy as of `now`."""
 
-    # Live migration (Llumnix §4): the source exports and later releases, the
-    # destination reserves blocks stage by stage and finally imports.
-    def export_request(self, request_id: str) -> RequestState: ...
-
-    def release_exported(self, request_id: str, now: float) -> None: ...
-
-    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int] | None: ...
-
-    def cancel_reservation(self, request_id: str) -> None: ...
-
-    def import_request(self, state: RequestState) -> Request: ...
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        """Requests that could start migrating away now (running decodes, waiting requests)."""
 
     @property
     def has_unfinished_requests(self) -> bool: ...
@@ -69,20 +61,43 @@ class InProcessInstance:
     def get_request(self, request_id: str) -> Request | None:
         return self.engine.get_request(request_id)
 
-    def export_request(self, request_id: str) -> RequestState:
-        return self.engine.export_request(request_id)
+    # ---- live migration: straight to the engine ----------------------------------------
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        return self.engine.migration_candidates()
 
-    def release_exported(self, request_id: str, now: float) -> None:
-        self.engine.release_exported(request_id, now)
+    def begin_migration(self, request_id: str) -> MigrationSnapshot | None:
+        return self.engine.begin_migration(request_id)
 
-    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int] | None:
-        return self.engine.reserve_blocks(request_id, num_tokens)
+    def migration_progress(self, request_id: str) -> MigrationSnapshot | None:
+        return self.engine.migration_progress(request_id)
 
-    def cancel_reservation(self, request_id: str) -> None:
-        self.engine.cancel_reservation(request_id)
+    def suspend_migrating(self, request_id: str) -> RequestState | None:
+        return self.engine.suspend_migrating(request_id)
 
-    def import_request(self, state: RequestState) -> Request:
-        return self.engine.import_request(state)
+    def end_migration(self, request_id: str) -> None:
+        self.engine.end_migration(request_id)
+
+    def release_migrated(self, request_id: str, now: float) -> bool:
+        return self.engine.release_migrated(request_id, now)
+
+    def export_waiting(self, request_id: str, now: float) -> RequestState | None:
+        return self.engine.export_waiting(request_id, now)
+
+    def migration_refusal(self, request_id: str, num_tokens: int, max_num_tokens: int,
+                          needs_seat: bool = True) -> str | None:
+        return self.engine.migration_refusal(request_id, num_tokens, max_num_tokens, needs_seat)
+
+    def reserve_migration(self, migration_id: str, request_id: str, num_tokens: int) -> list[int] | None:
+        return self.engine.reserve_migration(migration_id, request_id, num_tokens)
+
+    def reserved_block_ids(self, migration_id: str) -> list[int]:
+        return self.engine.reserved_block_ids(migration_id)
+
+    def cancel_migration(self, migration_id: str) -> int:
+        return self.engine.cancel_migration(migration_id)
+
+    def import_request(self, state: RequestState, migration_id: str | None = None) -> Request:
+        return self.engine.import_request(state, migration_id)
 
     @property
     def has_unfinished_requests(self) -> bool:

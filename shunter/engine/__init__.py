@@ -2,6 +2,7 @@
 
 from shunter.engine.block_manager import BlockManager
 from shunter.engine.engine import InstanceEngine
+from shunter.engine.load_report import LoadReport
 from shunter.engine.outputs import ExecOutput, Executor, ScheduledRequest, SchedulerOutput
 from shunter.engine.scheduler import RequestState, Scheduler
 
@@ -10,6 +11,7 @@ __all__ = [
     "ExecOutput",
     "Executor",
     "InstanceEngine",
+    "LoadReport",
     "RequestState",
     "ScheduledRequest",
     "Scheduler",

@@ -192,6 +192,15 @@ class BlockManager:
                     self.free_block_ids.move_to_end(b, last=False)
         return len(block_ids)
 
+    def rename(self, old_key, new_key) -> None:
+        """Give the block table held under `old_key` (a migration's reservation) to `new_key` (its request)."""
+        if new_key in self.req_to_block_ids:
+            raise ValueError(f"{new_key!r} already holds blocks")
+        self.req_to_block_ids[new_key] = self.req_to_block_ids.pop(old_key, [])
+        num_cached = self.req_to_num_cached_blocks.pop(old_key, None)
+        if num_cached is not None:
+            self.req_to_num_cached_blocks[new_key] = num_cached
+
     def forget(self, request_id: str) -> None:
         """Drop cached per-request hash state (the request is gone for good)."""
         self.req_to_block_hashes.pop(request_id, None)

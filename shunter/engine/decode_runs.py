@@ -108,7 +108,8 @@ class DecodeRunsMixin:
         bs = self.config.block_size
         finished: list[Request] = []
         for r in batch:
-            if r.status is not RequestStatus.RUNNING and r.status is not RequestStatus.MIGRATING:
+            if r.status is not RequestStatus.RUNNING and (
+                    r.status is not RequestStatus.MIGRATING or r.request_id in self.suspended):
                 continue
             before = r.num_computed_tokens
             r.num_computed_tokens = before + 1

@@ -8,11 +8,11 @@ a step occupies virtual time between the two.
 
 from __future__ import annotations
 
-from shunter.cluster.load import LoadReport
 from shunter.config import SchedulerConfig
 from shunter.engine.block_manager import cdiv
+from shunter.engine.load_report import LoadReport
 from shunter.engine.outputs import ExecOutput, Executor, SchedulerOutput
-from shunter.engine.scheduler import RequestState, Scheduler
+from shunter.engine.scheduler import MigrationCandidate, MigrationSnapshot, RequestState, Scheduler
 from shunter.request import Request, RequestStatus, TokenDelta
 
 
@@ -68,49 +68,101 @@ class InstanceEngine:
 
     # ---- load --------------------------------------------------------------------
     def load_report(self, now: float) -> LoadReport:
-        """Queue lengths and block occupancy for the cluster's policies."""
+        """Queue lengths, block occupancy and pending prefill work, for the cluster's policies.
+
+        Exact even while the simulator holds a decode run suspended (the queues
+        and the block manager are current then; only decode counters lag, and
+        those cancel out in the pending-prefill count).
+        """
         s = self.scheduler
         bm = s.block_manager
         bs = self.config.block_size
-        # A plain loop: this runs on every dispatch for every instance, and Counter costs more here.
+        # Plain loops: this runs for every instance at every control tick.
         priority_to_num_running: dict[int, int] = {}
+        num_migrating = len(s.suspended)
+        pending = 0
         for r in s.running:
-            priority_to_num_running[r.priority] = priority_to_num_running.get(r.priority, 0) + 1
+            p = r.priority
+            priority_to_num_running[p] = priority_to_num_running.get(p, 0) + 1
+            pending += len(r.all_token_ids) - r.num_computed_tokens - 1
+            if r.status is RequestStatus.MIGRATING:
+                num_migrating += 1
+        waiting_demand = 0
+        num_preempted = 0
+        for r in s.waiting:
+            n = len(r.all_token_ids)
+            waiting_demand += -(-n // bs)
+            pending += n
+            if r.status is RequestStatus.PREEMPTED:
+                num_preempted += 1
+        waiting = s.waiting
         return LoadReport(
             instance_id=self.instance_id,
             time=now,
             num_running=len(s.running),
-            num_waiting=len(s.waiting),
-            num_preempted=sum(1 for r in s.waiting if r.status is RequestStatus.PREEMPTED),
+            num_waiting=len(waiting),
+            num_preempted=num_preempted,
             num_used_blocks=bm.num_used_blocks,
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_blocks,
-            waiting_block_demands=[cdiv(r.num_tokens, bs) for r in s.waiting],
+            block_size=bs,
+            num_reserved_blocks=sum(len(s.reserved_block_ids(m)) for m in s.incoming) if s.incoming else 0,
+            head_block_demand=cdiv(waiting[0].num_tokens, bs) if waiting else 0,
+            waiting_block_demand=waiting_demand,
+            num_pending_prefill_tokens=pending,
             priority_to_num_running=priority_to_num_running,
+            num_migrating=num_migrating,
+            num_incoming=len(s.incoming),
         )
 
-    # ---- migration hooks -----------------------------------------------------------
-    def export_request(self, request_id: str) -> RequestState:
-        """Snapshot a live request: tokens, counters, sampling state and its block ids here."""
-        return self.scheduler.export_request(request_id)
+    # ---- live migration (the calls of shunter.cluster.migration) ---------------------
+    def begin_migration(self, request_id: str) -> MigrationSnapshot | None:
+        """Source: start moving a running or waiting request away; None if it is neither here."""
+        return self.scheduler.begin_migration(request_id)
 
-    def release_exported(self, request_id: str, now: float) -> None:
-        """Drop a request that now lives elsewhere, freeing its blocks."""
-        self.scheduler.release_exported(request_id, now)
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        """Source: requests that could start migrating now (for a selection policy)."""
+        return self.scheduler.migration_candidates()
 
-    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Reserve (or grow a reservation of) blocks for an incoming request; None if full."""
-        return self.scheduler.reserve_blocks(request_id, num_tokens)
+    def migration_progress(self, request_id: str) -> MigrationSnapshot | None:
+        """Source: where a migrating request stands; None if it is no longer migrating here."""
+        return self.scheduler.migration_progress(request_id)
 
-    def cancel_reservation(self, request_id: str) -> None:
-        self.scheduler.cancel_reservation(request_id)
+    def suspend_migrating(self, request_id: str) -> RequestState | None:
+        """Source, final stage: stop scheduling it, keep its blocks; its state, or None if gone."""
+        return self.scheduler.suspend_migrating(request_id)
 
-    def reserved_block_ids(self, request_id: str) -> list[int]:
-        return self.scheduler.block_manager.block_ids(request_id)
+    def end_migration(self, request_id: str) -> None:
+        """Source, abort: the request runs on here."""
+        self.scheduler.end_migration(request_id)
 
-    def import_request(self, state: RequestState) -> Request:
-        """Make an incoming request live; its KV must already be in its reserved blocks."""
-        return self.scheduler.import_request(state)
+    def release_migrated(self, request_id: str, now: float) -> bool:
+        """Source, commit: the request lives on the destination now; free its blocks here."""
+        return self.scheduler.release_migrated(request_id, now)
+
+    def export_waiting(self, request_id: str, now: float) -> RequestState | None:
+        """Source: hand over a waiting or preempted request (no KV); None if it is not waiting here."""
+        return self.scheduler.export_waiting(request_id, now)
+
+    def migration_refusal(self, request_id: str, num_tokens: int, max_num_tokens: int,
+                          needs_seat: bool = True) -> str | None:
+        """Destination: why it cannot take this request (None if it can)."""
+        return self.scheduler.migration_refusal(request_id, num_tokens, max_num_tokens, needs_seat)
+
+    def reserve_migration(self, migration_id: str, request_id: str, num_tokens: int) -> list[int] | None:
+        """Destination: grow the migration's reservation to `num_tokens` tokens; None if full."""
+        return self.scheduler.reserve_migration(migration_id, request_id, num_tokens)
+
+    def reserved_block_ids(self, migration_id: str) -> list[int]:
+        return self.scheduler.reserved_block_ids(migration_id)
+
+    def cancel_migration(self, migration_id: str) -> int:
+        """Destination, abort: free exactly this migration's reservation."""
+        return self.scheduler.cancel_migration(migration_id)
+
+    def import_request(self, state: RequestState, migration_id: str | None = None) -> Request:
+        """Destination, commit: the request lives here now (see `Scheduler.import_request`)."""
+        return self.scheduler.import_request(state, migration_id)
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()

@@ -101,6 +101,46 @@ class RequestState:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationSnapshot:
+    """What the source says about a request it is migrating: enough to plan the next stage.
+
+    block_ids is the source's block table (read-only; its first blocks are the
+    ones to copy). is_waiting: the request waits (or was preempted) and holds no KV.
+    """
+
+    num_tokens: int
+    num_computed_tokens: int
+    max_num_tokens: int
+    block_ids: list[int]
+    is_waiting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationCandidate:
+    """A request the source could move away, as a migration selection policy sees it."""
+
+    request_id: str
+    priority: int
+    arrival_time: float
+    num_tokens: int
+    num_blocks: int
+    is_waiting: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMigration:
+    """A reservation on the destination of a migration: its blocks are held under the migration's key."""
+
+    migration_id: str
+    request_id: str
+
+
+def _reservation_key(migration_id: str) -> tuple[str, str]:
+    # A tuple can never equal a request id (a str): reservations and requests share the block manager.
+    return ("migration", migration_id)
+
+
 class Scheduler(DecodeRunsMixin):
     """Decides, each step, how many tokens every request computes; owns the block manager."""
 
@@ -111,12 +151,16 @@ class Scheduler(DecodeRunsMixin):
         self.waiting: list[Request] = []  # sorted by _order_key
         self.running: list[Request] = []  # sorted by _order_key
         self._finished_ids: list[str] = []
-        self.reserved_ids: set[str] = set()  # incoming migrations holding blocks before import
+        # Migrating away, in the final stage: not scheduled, blocks kept until commit or abort.
+        self.suspended: dict[str, Request] = {}
+        # Migrating here: reservations by migration id (see `reserve_migration`).
+        self.incoming: dict[str, IncomingMigration] = {}
 
     # ---- admission and removal -----------------------------------------
     def add_request(self, request: Request) -> None:
         """Queue a new request; ValueError if it could never run here (nothing is allocated then)."""
-        if request.request_id in self.requests or request.request_id in self.reserved_ids:
+        if request.request_id in self.requests or (
+                self.incoming and any(m.request_id == request.request_id for m in self.incoming.values())):
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.validate_request(request)
         request.status = RequestStatus.WAITING
@@ -144,12 +188,9 @@ class Scheduler(DecodeRunsMixin):
     def abort(self, request_id: str, now: float) -> TokenDelta | None:
         """Abort a request in any state, freeing all it holds; returns its closing delta."""
         request = self.requests.get(request_id)
-        if request is not None:
-            self._remove(request, RequestStatus.FINISHED_ABORTED, now)
-        elif request_id in self.reserved_ids:
-            self.cancel_reservation(request_id)  # an incoming migration: its reserved blocks go back
-        else:
+        if request is None:
             return None
+        self._remove(request, RequestStatus.FINISHED_ABORTED, now)
         return TokenDelta(request_id, [], now, RequestStatus.FINISHED_ABORTED.finish_reason)
 
     def finish(self, request_id: str, status: RequestStatus, now: float) -> bool:
@@ -163,6 +204,8 @@ class Scheduler(DecodeRunsMixin):
     def _remove(self, request: Request, status: RequestStatus, now: float) -> None:
         if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+        elif self.suspended.pop(request.request_id, None) is not None:
+            pass
         else:
             self.running.remove(request)
         self._finalize(request, status, now)
@@ -214,7 +257,9 @@ class Scheduler(DecodeRunsMixin):
 
         # Admitting new work in a step that had to preempt would only thrash.
         if not preempted_ids:
-            while self.waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+            # Seats held by incoming migrations count: an import must never find the batch full.
+            max_running = cfg.max_num_seqs - len(self.incoming) - len(self.suspended)
+            while self.waiting and budget > 0 and len(running) < max_running:
                 request = self.waiting[0]
                 cached = bm.find_cached_prefix(request)
                 num_computed = len(cached) * cfg.block_size
@@ -254,8 +299,9 @@ class Scheduler(DecodeRunsMixin):
         any_finished = False
         for sched, token in zip(batch.scheduled, result.sampled_token_ids):
             request = sched.request
-            if request.status is not RequestStatus.RUNNING and request.status is not RequestStatus.MIGRATING:
-                continue
+            if request.status is not RequestStatus.RUNNING and (
+                    request.status is not RequestStatus.MIGRATING or request.request_id in self.suspended):
+                continue  # aborted, preempted, moved away or suspended for its final migration copy
             before = request.num_computed_tokens
             request.num_computed_tokens = before + sched.num_new_tokens
             if request.num_computed_tokens // bs > before // bs:
@@ -285,47 +331,166 @@ class Scheduler(DecodeRunsMixin):
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    # ---- migration hooks ---------------------------------------------------
-    def export_request(self, request_id: str) -> RequestState:
-        """Snapshot a live request (it keeps running here until `release_exported`)."""
-        request = self.requests[request_id]
+    # ---- live migration (driven by shunter.cluster.migration) -----------------
+    # Source side: begin -> (stages copy full blocks while it keeps decoding) ->
+    # suspend -> release (commit) or resume (abort). Destination side: reserve
+    # under the migration's id, grow the reservation stage by stage, then
+    # import (commit) or cancel (abort). Reservations are keyed by migration id,
+    # never by request id, so two orders for one request cannot touch each
+    # other's blocks.
+
+    def begin_migration(self, request_id: str) -> MigrationSnapshot | None:
+        """Start moving a request away: a running one is marked migrating (it keeps decoding);
+        a waiting or preempted one is left as it is (`export_waiting` hands it over).
+        None if the request is not running or waiting here."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            request.status = RequestStatus.MIGRATING
+            return self._snapshot(request)
+        if request.status is RequestStatus.WAITING or request.status is RequestStatus.PREEMPTED:
+            return self._snapshot(request, is_waiting=True)
+        return None
+
+    def migration_progress(self, request_id: str) -> MigrationSnapshot | None:
+        """Where a migrating request stands now; None if it is no longer migrating here
+        (it finished, was aborted or preempted, or the migration ended)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.MIGRATING:
+            return None
+        return self._snapshot(request)
+
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        """Requests that could start migrating now: running ones that decode (not already migrating)
+        and waiting or preempted ones, in running-then-waiting order."""
+        bm = self.block_manager
+        out = [MigrationCandidate(r.request_id, r.priority, r.arrival_time, r.num_tokens,
+                                  len(bm.block_ids(r.request_id)), False)
+               for r in self.running
+               if r.status is RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens - 1]
+        out.extend(MigrationCandidate(r.request_id, r.priority, r.arrival_time, r.num_tokens, 0, True)
+                   for r in self.waiting)
+        return out
+
+    def _snapshot(self, request: Request, is_waiting: bool = False) -> MigrationSnapshot:
+        max_num_tokens = request.num_prompt_tokens + request.sampling_params.max_tokens
+        return MigrationSnapshot(request.num_tokens, request.num_computed_tokens, max_num_tokens,
+                                 self.block_manager.block_ids(request.request_id), is_waiting)
+
+    def suspend_migrating(self, request_id: str) -> RequestState | None:
+        """The final stage: stop scheduling a migrating request, keep its blocks; its state to copy.
+
+        None if the request is no longer migrating here (finished, aborted, preempted).
+        A step already in flight will not touch it (`update` skips suspended requests).
+        """
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.MIGRATING or request_id in self.suspended:
+            return None
+        self.running.remove(request)
+        self.suspended[request_id] = request
         return RequestState.of(request, self.block_manager.block_ids(request_id))
 
-    def release_exported(self, request_id: str, now: float) -> None:
-        """The request now lives on another instance: drop it and free its blocks here."""
+    def end_migration(self, request_id: str) -> None:
+        """Abort on the source: a migrating (or suspended) request runs on here as before."""
         request = self.requests.get(request_id)
-        if request is not None:
-            self._remove(request, RequestStatus.FINISHED_MIGRATED, now)
+        if request is None or request.status is not RequestStatus.MIGRATING:
+            return
+        request.status = RequestStatus.RUNNING
+        if self.suspended.pop(request_id, None) is not None:
+            bisect.insort(self.running, request, key=_order_key)
 
-    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Pre-allocate blocks for an incoming migrated request (grows an earlier reservation)."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already live on this instance")
-        block_ids = self.block_manager.allocate_slots(request_id, num_tokens)
-        if block_ids is not None:
-            self.reserved_ids.add(request_id)
+    def release_migrated(self, request_id: str, now: float) -> bool:
+        """Commit on the source: the suspended request now lives elsewhere; free its blocks here."""
+        request = self.suspended.get(request_id)
+        if request is None:
+            return False
+        self._remove(request, RequestStatus.FINISHED_MIGRATED, now)
+        return True
+
+    def export_waiting(self, request_id: str, now: float) -> RequestState | None:
+        """Hand over a waiting or preempted request (it holds no KV): gone from here, its state returned."""
+        request = self.requests.get(request_id)
+        if request is None or request.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            return None
+        state = RequestState.of(request, [])
+        self._remove(request, RequestStatus.FINISHED_MIGRATED, now)
+        return state
+
+    def migration_refusal(self, request_id: str, num_tokens: int, max_num_tokens: int,
+                          needs_seat: bool = True) -> str | None:
+        """Why this instance cannot take a migrated request (None if it can): the admission checks of
+        `add_request` plus, for a request that will run at once (`needs_seat`), the batch limit,
+        counting the migrations already coming in."""
+        cfg = self.config
+        if request_id in self.requests or any(m.request_id == request_id for m in self.incoming.values()):
+            return f"request {request_id!r} is already on the destination"
+        if num_tokens >= cfg.max_model_len:
+            return f"its {num_tokens} tokens do not fit the destination's context of {cfg.max_model_len}"
+        needed = cdiv(max(num_tokens + 1, min(max_num_tokens, cfg.max_model_len) - 1), cfg.block_size)
+        if needed > cfg.num_blocks:
+            return f"it needs {needed} KV blocks, more than the destination's {cfg.num_blocks}"
+        if needs_seat and len(self.running) + len(self.suspended) + len(self.incoming) >= cfg.max_num_seqs:
+            return f"the destination already runs max_num_seqs={cfg.max_num_seqs} requests"
+        return None
+
+    def reserve_migration(self, migration_id: str, request_id: str, num_tokens: int) -> list[int] | None:
+        """Grow migration `migration_id`'s reservation to hold `num_tokens` tokens; None (nothing changed)
+        if the blocks are not free. The first call opens the reservation (check `migration_refusal` first)."""
+        key = _reservation_key(migration_id)
+        incoming = self.incoming.get(migration_id)
+        if incoming is not None and incoming.request_id != request_id:
+            raise ValueError(f"migration {migration_id!r} is for request {incoming.request_id!r}, not {request_id!r}")
+        block_ids = self.block_manager.allocate_slots(key, num_tokens)
+        if block_ids is None:
+            return None
+        if incoming is None:
+            self.incoming[migration_id] = IncomingMigration(migration_id, request_id)
         return block_ids
 
-    def cancel_reservation(self, request_id: str) -> None:
-        if request_id in self.reserved_ids:
-            self.reserved_ids.discard(request_id)
-            self.block_manager.free(request_id)
+    def reserved_block_ids(self, migration_id: str) -> list[int]:
+        """The blocks reserved for migration `migration_id`, in block-table order."""
+        return self.block_manager.block_ids(_reservation_key(migration_id))
 
-    def import_request(self, state: RequestState) -> Request:
-        """Make a migrated request live here; its KV must already sit in its reserved blocks."""
-        if state.request_id in self.requests:
-            raise ValueError(f"request id {state.request_id!r} is already live on this instance")
-        held = len(self.block_manager.block_ids(state.request_id))
-        if held < cdiv(state.num_computed_tokens, self.config.block_size):
-            raise ValueError(
-                f"request {state.request_id!r}: {held} reserved blocks cannot hold "
-                f"{state.num_computed_tokens} computed tokens"
-            )
-        self.reserved_ids.discard(state.request_id)
+    def cancel_migration(self, migration_id: str) -> int:
+        """Abort on the destination: free exactly this migration's reservation; returns how many blocks."""
+        if self.incoming.pop(migration_id, None) is None:
+            return 0
+        return self.block_manager.free(_reservation_key(migration_id))
+
+    def import_request(self, state: RequestState, migration_id: str | None = None) -> Request:
+        """Commit on the destination: make a migrated request live here.
+
+        With `migration_id`, its KV must already sit in that migration's reserved
+        blocks, which become its block table, and it runs at once. Without, it
+        carries no KV (it was waiting or preempted) and joins the waiting queue.
+        ValueError, with nothing changed, if it cannot live here.
+        """
+        rid = state.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already live on this instance")
         request = state.to_request()
-        request.status = RequestStatus.RUNNING
         request.num_migrations += 1
-        self.requests[request.request_id] = request
+        if migration_id is None:
+            if state.num_computed_tokens:
+                raise ValueError(f"request {rid!r} has computed KV: import it through a reservation")
+            self.validate_request(request)
+            request.status = RequestStatus.PREEMPTED if request.output_token_ids else RequestStatus.WAITING
+            self.requests[rid] = request
+            bisect.insort(self.waiting, request, key=_order_key)
+            return request
+        incoming = self.incoming.get(migration_id)
+        if incoming is None or incoming.request_id != rid:
+            raise ValueError(f"no reservation of migration {migration_id!r} for request {rid!r}")
+        key = _reservation_key(migration_id)
+        held = len(self.block_manager.block_ids(key))
+        if held < cdiv(state.num_computed_tokens, self.config.block_size):
+            raise ValueError(f"request {rid!r}: {held} reserved blocks cannot hold "
+                             f"{state.num_computed_tokens} computed tokens")
+        del self.incoming[migration_id]
+        self.block_manager.rename(key, rid)
+        request.status = RequestStatus.RUNNING
+        self.requests[rid] = request
         bisect.insort(self.running, request, key=_order_key)
         return request
 
@@ -339,7 +504,8 @@ class Scheduler(DecodeRunsMixin):
         bm = self.block_manager
         bm.check_invariants()
         bs = self.config.block_size
-        assert len(self.waiting) + len(self.running) == len(self.requests), "queues disagree with the request table"
+        assert len(self.waiting) + len(self.running) + len(self.suspended) == len(self.requests), \
+            "queues disagree with the request table"
         assert [_order_key(r) for r in self.running] == sorted(_order_key(r) for r in self.running), "running out of order"
         assert [_order_key(r) for r in self.waiting] == sorted(_order_key(r) for r in self.waiting), "waiting out of order"
         for r in self.running:
@@ -349,5 +515,9 @@ class Scheduler(DecodeRunsMixin):
         for r in self.waiting:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), f"{r.request_id} waiting with {r.status}"
             assert not bm.block_ids(r.request_id), f"waiting {r.request_id} holds blocks"
-        for rid in bm.req_to_block_ids:
-            assert rid in self.requests or rid in self.reserved_ids, f"blocks held by unknown {rid!r}"
+        for rid, r in self.suspended.items():
+            assert r.status is RequestStatus.MIGRATING and self.requests.get(rid) is r, f"suspended {rid} is not migrating"
+            assert len(bm.block_ids(rid)) >= cdiv(r.num_computed_tokens, bs), f"{rid}: blocks do not cover its tokens"
+        reservation_keys = {_reservation_key(m) for m in self.incoming}
+        for key in bm.req_to_block_ids:
+            assert key in self.requests or key in reservation_keys, f"blocks held by unknown {key!r}"

@@ -1,7 +1,7 @@
 """`shunter simulate`: replay a trace on simulated instances running the real scheduling code.
 
     shunter simulate --trace azure2023_conv --instances 4 --hardware a100-80gb --model llama-2-7b \\
-        --dispatch least-load --duration 600 --json out.json --plot out.png
+        --policy llumnix --duration 600 --json out.json --plot out.png
     shunter simulate --list
 
 Heavy imports (numpy, the simulator) happen inside the handler so `shunter --help` stays instant.
@@ -47,7 +47,21 @@ def register(subparsers) -> None:
     c.add_argument("--hardware", default=None, help=f"GPU of each instance (roofline; default {DEFAULT_HARDWARE})")
     c.add_argument("--model", default=None,
                    help=f"model, optionally with -tpN (default {DEFAULT_MODEL}; profiled: the profile's model)")
-    c.add_argument("--dispatch", default="least-load", help="dispatch policy")
+    pol = p.add_argument_group("cluster policies (a bundle; the flags below override its parts)")
+    pol.add_argument("--policy", default="infaas", help="policy bundle: dispatch + migration")
+    pol.add_argument("--dispatch", default=None, help="dispatch policy (overrides the bundle's)")
+    pol.add_argument("--migration", default=None, help="migration pairing policy, or none (overrides the bundle's)")
+    pol.add_argument("--selection", default=None, help="which request a migration source sends")
+    pol.add_argument("--src-freeness", type=float, default=None, help="freeness below which an instance sheds load")
+    pol.add_argument("--dst-freeness", type=float, default=None, help="freeness above which an instance takes load")
+    pol.add_argument("--max-migrations-per-instance", type=int, default=None,
+                     help="migrations in flight per instance at most")
+    pol.add_argument("--priority-headroom", type=int, default=0,
+                     help="KV blocks of headroom that high-priority requests add to their instance's virtual usage")
+    pol.add_argument("--control-interval", type=float, default=0.05,
+                     help="seconds between load reports / migration decisions (0: the dispatcher reads exact "
+                          "load at every arrival and no migration policy runs)")
+    pol.add_argument("--link", default=None, help="link that migrations copy KV over (default eth-100g)")
     c.add_argument("--latency-model", default="roofline", help="how step durations are predicted")
     c.add_argument("--profile", default=None, help="profile JSON for --latency-model profiled")
     c.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
@@ -77,7 +91,7 @@ def register(subparsers) -> None:
 
 
 def print_listing() -> None:
-    from shunter.cluster.policies import DISPATCH
+    from shunter.cluster.policies import catalog
     from shunter.sim.hardware import HARDWARE
     from shunter.sim.latency import LATENCY_MODELS
     from shunter.sim.models import MODELS
@@ -89,7 +103,8 @@ def print_listing() -> None:
         print(f"  {name:<11} {gpu.peak_flops / 1e12:6.0f} TFLOP/s bf16  {gpu.memory_bandwidth / 1e9:5.0f} GB/s  "
               f"{gpu.memory_bytes / 2**30:5.1f} GiB")
     print("models:          " + ", ".join(MODELS.names()) + " (append -tpN for tensor parallelism)")
-    print("dispatch:        " + ", ".join(DISPATCH.names()))
+    for title, registry in catalog().items():
+        print(f"{title + ':':<17}" + ", ".join(registry._listing()))
     print("latency models:  " + ", ".join(LATENCY_MODELS.names()))
 
 
@@ -101,10 +116,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from shunter.cluster.policies import DISPATCH
+    from shunter.cluster.load import LoadConfig
+    from shunter.cluster.policies import LINKS, build_policy
     from shunter.config import SchedulerConfig
     from shunter.sim.latency import LATENCY_MODELS, build_latency_model
-    from shunter.sim.migration import MigrationConfig
+    from shunter.cluster.migration import DEFAULT_LINK, MigrationConfig
     from shunter.sim.models import get_model
     from shunter.sim.report import (
         arrival_rate, build_report, format_summary, plot_report, scale_arrivals, search_goodput,
@@ -115,7 +131,16 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     if args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
-    DISPATCH.get(args.dispatch)
+    if args.control_interval < 0:
+        raise ValueError(f"--control-interval must be >= 0 seconds, got {args.control_interval}")
+    if args.priority_headroom < 0:
+        raise ValueError(f"--priority-headroom must be >= 0 blocks, got {args.priority_headroom}")
+    policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration, selection=args.selection,
+                          src_freeness=args.src_freeness, dst_freeness=args.dst_freeness,
+                          max_per_instance=args.max_migrations_per_instance,
+                          load=LoadConfig({1: args.priority_headroom}) if args.priority_headroom else None)
+    link = args.link or DEFAULT_LINK
+    bandwidth = LINKS.get(link)
     LATENCY_MODELS.get(args.latency_model)
     if args.goodput and args.ttft_slo is None and args.tpot_slo is None:
         raise ValueError("--goodput needs --ttft-slo and/or --tpot-slo")
@@ -141,12 +166,13 @@ def run_simulate(args: argparse.Namespace) -> int:
                                 max_model_len=max_model_len)
     span = workload[-1].arrival_time - workload[0].arrival_time
     config = SimConfig(
-        num_instances=args.instances, scheduler=scheduler, dispatch=args.dispatch,
+        num_instances=args.instances, scheduler=scheduler, policy=policy,
         fast_path=not args.no_fast_path, debug=args.debug,
-        # Control ticks only sample load for the plot until a migration policy needs them.
-        control_interval=max(span / 300, 0.01) if args.plot_path else None,
+        control_interval=args.control_interval or None,
+        load_sample_interval=max(span / 300, 0.01) if args.plot_path else None,
         gpus_per_instance=model.tp if model and args.latency_model == "roofline" else 1,
-        migration=MigrationConfig(kv_bytes_per_block=model.kv_bytes_per_block(args.block_size) if model else 0),
+        migration=MigrationConfig(bandwidth_bytes_per_s=bandwidth,
+                                  kv_bytes_per_block=model.kv_bytes_per_block(args.block_size) if model else 0),
         seed=args.seed,
     )
 
@@ -188,7 +214,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         "rate": args.rate, "max_requests": args.max_requests, "seed": args.seed,
         "priority_fraction": args.priority_fraction, "ttft_slo": args.ttft_slo, "tpot_slo": args.tpot_slo,
         "instances": args.instances, "hardware": hardware if args.latency_model == "roofline" else None,
-        "model": model.name if model else None, "dispatch": args.dispatch,
+        "model": model.name if model else None, "policy": args.policy, "policies": policy.to_json(),
+        "control_interval": args.control_interval, "link": link,
         "latency_model": latency.describe(),
         "scheduler": dataclasses.asdict(dataclasses.replace(scheduler, enable_prefix_caching=result.prefix_caching)),
         "prefix_caching": args.prefix_caching, "fast_path": config.fast_path,

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from shunter.engine import ExecOutput, SchedulerOutput
-    from shunter.sim.migration import Migration
+    from shunter.cluster.global_scheduler import MigrationOrder
+    from shunter.cluster.migration import Migration
     from shunter.sim.simulator import SimInstance
 
 
@@ -65,6 +66,17 @@ class MigrationStage(Event):
     def __init__(self, time: float, migration: Migration) -> None:
         super().__init__(time)
         self.migration = migration
+
+
+class MigrationOrderEvent(Event):
+    """A migration ordered ahead of time (`Simulator.schedule_migration`) starts."""
+
+    __slots__ = ("order",)
+    kind = 1
+
+    def __init__(self, time: float, order: MigrationOrder) -> None:
+        super().__init__(time)
+        self.order = order
 
 
 class MigrationCommit(Event):

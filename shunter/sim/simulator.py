@@ -30,8 +30,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from shunter.cluster.bundles import PolicyConfig
 from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
 from shunter.cluster.instance import InProcessInstance
+from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
 from shunter.config import SchedulerConfig
 from shunter.engine import InstanceEngine, SchedulerOutput
 from shunter.request import Request, RequestStatus, SamplingParams
@@ -41,6 +43,7 @@ from shunter.sim.events import (
     Event,
     EventQueue,
     MigrationCommit,
+    MigrationOrderEvent,
     MigrationStage,
     ScalingDecision,
     StepEnd,
@@ -49,7 +52,6 @@ from shunter.sim.events import (
 from shunter.sim.executor import RecomputeTracker, SimExecutor
 from shunter.sim.latency import LatencyModel
 from shunter.sim.metrics import RequestRecord
-from shunter.sim.migration import Migration, MigrationConfig
 from shunter.sim.workloads import WorkloadRequest, prompt_token_ids
 
 INF = float("inf")
@@ -60,21 +62,28 @@ class SimConfig:
     """What to simulate besides the workload and the latency model.
 
     scheduler: every instance's scheduler limits (num_blocks = its KV capacity).
-    dispatch: the global scheduler's dispatch policy (`shunter simulate --list`).
+    policy: the cluster policies: dispatch, migration (`shunter simulate --list`).
     fast_path: advance instances lazily with decode runs (same results, much faster).
     debug: check engine invariants after every step.
-    control_interval: seconds between control-loop ticks (load samples for the
-        report; migration decisions once a policy exists); None: no ticks.
+    control_interval: seconds between control-loop ticks, as the instances'
+        load-report interval in serving: each tick the dispatcher's view is
+        refreshed, load is sampled and migrations are ordered. None: no ticks,
+        and the dispatcher reads every instance's report at every arrival (an
+        idealised dispatcher with no staleness; no migration policy runs).
+    load_sample_interval: seconds between the load samples kept for the report's
+        plot (taken at control ticks); None: none kept.
+    migration: how migrations run and what copies cost.
     scaling_interval: seconds between autoscaling decisions (a hook); None: none.
     gpus_per_instance: GPUs one instance occupies (tensor parallelism), for GPU-seconds.
     """
 
     num_instances: int = 1
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    dispatch: str = "least-load"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     fast_path: bool = True
     debug: bool = False
-    control_interval: float | None = 1.0
+    control_interval: float | None = 0.05
+    load_sample_interval: float | None = None
     scaling_interval: float | None = None
     gpus_per_instance: int = 1
     migration: MigrationConfig = field(default_factory=MigrationConfig)
@@ -172,8 +181,13 @@ class Simulator:
                           for i in range(config.num_instances)]
         self.by_id = {inst.instance_id: inst for inst in self.instances}
         self._sim_of = {id(inst.instance): inst for inst in self.instances}
-        self.global_scheduler = GlobalScheduler([inst.instance for inst in self.instances], config.dispatch,
-                                                seed=config.seed)
+        self.global_scheduler = GlobalScheduler(policy=config.policy, seed=config.seed,
+                                                prefill_seconds=prefill_estimator(latency_model, config.scheduler))
+        for inst in self.instances:
+            self.global_scheduler.add_instance(inst.instance, inst.engine.load_report(0.0))
+        self.coordinator = MigrationCoordinator(config.migration, config.scheduler.block_size)
+        self.refused_orders: list[tuple[MigrationOrder, str]] = []
+        self._next_sample_time = -INF
         self.lazy = config.fast_path
         self.now = 0.0
         self.records: list[RequestRecord] = []
@@ -190,11 +204,17 @@ class Simulator:
 
     # ---- public --------------------------------------------------------------------
     def schedule_migration(self, time: float, request_id: str, src_id: str, dst_id: str) -> None:
-        """Start migrating `request_id` from instance `src_id` to `dst_id` at `time` (if it is running then)."""
+        """Order a migration of `request_id` from instance `src_id` to `dst_id` at `time`.
+
+        ValueError now for unknown or identical instances; at `time`, an order the
+        coordinator refuses (the request is already migrating) lands in `refused_orders`,
+        and one whose request is not there then is recorded as an aborted migration.
+        """
         if src_id == dst_id:
-            raise ValueError("a migration needs two different instances")
-        migration = Migration(request_id, self._instance(src_id), self._instance(dst_id), time)
-        self.queue.push(MigrationStage(time, migration))
+            raise ValueError(f"a migration needs two different instances, got {src_id!r} twice")
+        self._instance(src_id)
+        self._instance(dst_id)
+        self.queue.push(MigrationOrderEvent(time, MigrationOrder(request_id, src_id, dst_id)))
 
     def run(self) -> SimResult:
         """Run to completion (every request finished or rejected) and return the result."""
@@ -229,7 +249,9 @@ class Simulator:
         elif kind is Arrival:
             self._on_arrival(event)
         elif kind is MigrationStage:
-            self._on_migration_stage(event.migration, event.time)
+            self._run_stage(event.migration, event.time)
+        elif kind is MigrationOrderEvent:
+            self._start_migration(event.order, event.time)
         elif kind is MigrationCommit:
             self._on_migration_commit(event.migration, event.time)
         elif kind is ControlTick:
@@ -265,6 +287,8 @@ class Simulator:
             ttft_slo=wr.ttft_slo,
             tpot_slo=wr.tpot_slo,
         )
+        if self.config.control_interval is None:
+            self.global_scheduler.collect_reports(event.time)
         instance = self.global_scheduler.select_instance(request, event.time)
         inst = self._sim_of[id(instance)]
         self._end_decode_run(inst)
@@ -281,12 +305,16 @@ class Simulator:
             self.progress(1)
 
     def _on_control_tick(self, now: float) -> None:
-        reports = self.global_scheduler.load_reports(now)
-        for report in reports:
-            self.load_samples[report.instance_id].append(
-                LoadSample(now, report.num_used_blocks, report.num_running, report.num_waiting))
-        for order in self.global_scheduler.control_step(reports, now):
-            self._start_migration(order, now)
+        gs = self.global_scheduler
+        reports = gs.collect_reports(now)
+        if self.config.load_sample_interval is not None and now >= self._next_sample_time:
+            self._next_sample_time = now + self.config.load_sample_interval
+            for report in reports:
+                self.load_samples[report.instance_id].append(
+                    LoadSample(now, report.num_used_blocks, report.num_running, report.num_waiting))
+        if gs.policy.migration != "none":
+            for order in gs.control_step(now, self.coordinator.num_active):
+                self._start_migration(order, now)
         if self._has_pending_work():
             # k * interval rather than repeated addition: tick times do not drift.
             k = round((now - self._tick_origin()) / self.config.control_interval) + 1
@@ -304,7 +332,7 @@ class Simulator:
 
     def _has_pending_work(self) -> bool:
         return (self._next_arrival < len(self.workload) or any(inst.is_busy for inst in self.instances)
-                or any(m.outcome == "running" for m in self.migrations))
+                or bool(self.coordinator.active))
 
     # ---- driving instances: step by step ------------------------------------------------
     def _wake(self, inst: SimInstance, now: float) -> None:
@@ -461,62 +489,39 @@ class Simulator:
             raise ValueError(f"no instance {instance_id!r}; instances: {', '.join(self.by_id)}") from None
 
     def _start_migration(self, order: MigrationOrder, now: float) -> None:
-        migration = Migration(order.request_id, self._instance(order.src_id), self._instance(order.dst_id), now)
-        self._on_migration_stage(migration, now)
+        src, dst = self._instance(order.src_id), self._instance(order.dst_id)
+        try:
+            migration = self.coordinator.start(order.request_id, src.instance, dst.instance, now)
+        except MigrationRefused as e:
+            self.refused_orders.append((order, str(e)))
+            return
+        self.migrations.append(migration)
+        self._run_stage(migration, now)
 
-    def _on_migration_stage(self, m: Migration, now: float) -> None:
-        self._end_decode_run(m.src)
-        self._end_decode_run(m.dst)
-        src_engine = m.src.engine
-        request = src_engine.get_request(m.request_id)
-        bs = self.config.scheduler.block_size
-        if m.num_stages == 0:
-            self.migrations.append(m)
-            if request is None or request.status is not RequestStatus.RUNNING or not request.output_token_ids:
-                self._abort_migration(m, now, "the request is not decoding on the source")
-                return
-            request.status = RequestStatus.MIGRATING
-            m.num_preemptions = request.num_preemptions
-        elif request is None or request.status is not RequestStatus.MIGRATING or request.num_preemptions != m.num_preemptions:
-            self._abort_migration(m, now, "the request finished, was aborted or was preempted on the source")
+    def _run_stage(self, m: Migration, now: float) -> None:
+        """Plan the migration's next stage; its copy takes `copy_time` of virtual time."""
+        src, dst = self._sim_of[id(m.src)], self._sim_of[id(m.dst)]
+        self._end_decode_run(src)
+        self._end_decode_run(dst)
+        plan = self.coordinator.advance(m, now)
+        if plan is None:  # aborted, or a waiting request moved at once
+            self._after_migration(m, now)
             return
-        computed = request.num_computed_tokens
-        num_new_blocks = m.blocks_to_copy(computed, bs)
-        is_final = m.num_stages > 0 and (num_new_blocks <= self.config.migration.final_stage_max_blocks
-                                         or m.num_stages >= self.config.migration.max_stages)
-        if m.dst.engine.reserve_blocks(m.request_id, computed) is None:
-            self._abort_migration(m, now, "the destination has no free blocks")
-            return
-        m.num_stages += 1
-        m.num_copied_blocks += num_new_blocks
-        m.blocks_per_stage.append(num_new_blocks)
-        copy_time = self.config.migration.copy_time(num_new_blocks)
-        if not is_final:
-            self.queue.push(MigrationStage(now + copy_time, m))
-            return
-        # Final stage: suspend on the source (export, release), copy the rest, commit on arrival.
-        m.state = src_engine.export_request(m.request_id)
-        src_engine.release_exported(m.request_id, now)
-        m.final_stage_time = now
-        self.queue.push(MigrationCommit(now + copy_time, m))
+        done = now + self.config.migration.copy_time(plan.num_blocks)
+        self.queue.push(MigrationCommit(done, m) if plan.is_final else MigrationStage(done, m))
 
     def _on_migration_commit(self, m: Migration, now: float) -> None:
-        self._end_decode_run(m.dst)
-        m.dst.engine.import_request(m.state)
-        m.outcome = "committed"
-        m.end_time = now
-        self._wake(m.dst, now)
+        self._end_decode_run(self._sim_of[id(m.src)])
+        self._end_decode_run(self._sim_of[id(m.dst)])
+        self.coordinator.commit(m, now)
+        self._after_migration(m, now)
 
-    def _abort_migration(self, m: Migration, now: float, reason: str) -> None:
-        m.dst.engine.cancel_reservation(m.request_id)
-        request = m.src.engine.get_request(m.request_id)
-        if request is not None and request.status is RequestStatus.MIGRATING:
-            request.status = RequestStatus.RUNNING
-        m.outcome = "aborted"
-        m.abort_reason = reason
-        m.end_time = now
-        if m.dst.engine.has_unfinished_requests:
-            self._wake(m.dst, now)  # freed reservation: queued requests may fit now
+    def _after_migration(self, m: Migration, now: float) -> None:
+        # Either side may have work to resume: the imported request, a request un-suspended by an
+        # abort, or queued requests that fit in blocks just freed.
+        for inst in (self._sim_of[id(m.src)], self._sim_of[id(m.dst)]):
+            if inst.engine.has_unfinished_requests:
+                self._wake(inst, now)
 
     # ---- results -------------------------------------------------------------------------------
     def _record(self, inst: SimInstance, finished: list[Request]) -> None:
@@ -562,6 +567,17 @@ class Simulator:
             num_events=self.num_events,
             prefix_caching=self.config.scheduler.enable_prefix_caching,
         )
+
+
+def prefill_estimator(latency_model: LatencyModel, config: SchedulerConfig) -> Callable[[int], float]:
+    """Predicted seconds to prefill n queued tokens on one instance: full-budget prefill steps.
+
+    What the `slo` dispatch policy ranks instances by; attention over long
+    contexts and interleaved decodes are left out (a lower bound).
+    """
+    budget = config.max_num_batched_tokens
+    per_step = latency_model.step_time([(budget, 0)], 0, 0)
+    return lambda num_tokens: -(-num_tokens // budget) * per_step
 
 
 class CachingWouldMatter(Exception):

@@ -1,95 +1,89 @@
-"""Dispatch policies and the global scheduler over in-process instances."""
+"""The global scheduler over in-process instances: the dispatcher's view, draining, control ticks."""
+
+from __future__ import annotations
 
 import pytest
 
-from shunter.cluster.global_scheduler import GlobalScheduler
-from shunter.cluster.instance import InProcessInstance, Instance
-from shunter.cluster.load import LoadReport
-from shunter.cluster.policies import DISPATCH, DispatchContext, least_load, round_robin
+from shunter.cluster.bundles import BUNDLES, PolicyConfig, build_policy
+from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
+from shunter.cluster.instance import InProcessInstance
+from shunter.cluster.migration_policy import MigrationPolicyConfig
+from tests.engine.helpers import step
 from tests.factories import make_engine, make_request, run_to_completion
 
 
-def report(iid, used, total=100, waiting=()):
-    return LoadReport(iid, 0.0, num_running=0, num_waiting=len(waiting), num_preempted=0, num_used_blocks=used,
-                      num_free_blocks=total - used, num_total_blocks=total, waiting_block_demands=list(waiting))
+def cluster(n=3, policy=None, **kw):
+    instances = [InProcessInstance(make_engine(str(i), **kw)) for i in range(n)]
+    return instances, GlobalScheduler(instances, policy or PolicyConfig(dispatch="infaas"))
 
 
-def test_round_robin_cycles_blind_to_load():
-    reports = [report("0", 90), report("1", 0), report("2", 50)]
-    ctx = DispatchContext()
-    picks = []
-    for _ in range(6):
-        picks.append(round_robin(reports, make_request(), ctx))
-        ctx.num_dispatched += 1
-    assert picks == [0, 1, 2, 0, 1, 2]
-
-
-def test_least_load_counts_used_and_waiting_demand_relative_to_capacity():
-    ctx = DispatchContext()
-    # Instance 0 has few used blocks but a long queue; instance 2 is bigger.
-    reports = [report("0", 10, waiting=[30, 30]), report("1", 40), report("2", 60, total=200)]
-    assert least_load(reports, make_request(), ctx) == 2  # 0.30 < 0.40 < 0.70
-    # Ties go to the lowest index.
-    assert least_load([report("0", 5), report("1", 5)], make_request(), ctx) == 0
-
-
-def test_in_process_instance_satisfies_protocol():
-    inst = InProcessInstance(make_engine("a"))
-    assert isinstance(inst, Instance)
-    assert inst.instance_id == "a"
-
-
-def test_global_scheduler_dispatches_to_least_loaded_and_requests_complete():
-    instances = [InProcessInstance(make_engine(str(i))) for i in range(3)]
-    gs = GlobalScheduler(instances, dispatch="least-load")
+def test_dispatch_reads_the_last_report_plus_what_it_dispatched_since():
+    instances, gs = cluster()
     big = make_request(prompt_len=100, max_tokens=4)
     assert gs.dispatch(big, 0.0) is instances[0]
-    # Instance 0 now has a queued demand, so the next two go elsewhere.
+    # No new report came, yet the dispatcher counts the queued request: the next two go elsewhere.
+    assert gs.views["0"].num_waiting == 1 and gs.views["0"].waiting_block_demand == 25
     assert gs.dispatch(make_request(prompt_len=40), 0.0) is instances[1]
     assert gs.dispatch(make_request(prompt_len=40), 0.0) is instances[2]
     for inst in instances:
         out = run_to_completion(inst.engine)
         assert all(len(tokens) > 0 for tokens in out.values())
-    assert gs.ctx.num_dispatched == 3
+    # Until a fresh report arrives, the view is stale by design; a report replaces it.
+    assert gs.views["0"].num_waiting == 1
+    gs.collect_reports(1.0)
+    assert gs.views["0"].num_waiting == 0 and gs.views["0"].num_used_blocks == 0
+    assert gs.num_dispatches == 3
 
 
-def test_global_scheduler_round_robin_and_membership():
-    instances = [InProcessInstance(make_engine(str(i))) for i in range(2)]
-    gs = GlobalScheduler(instances, dispatch="round-robin")
-    picks = [gs.dispatch(make_request(), 0.0).instance_id for _ in range(4)]
-    assert picks == ["0", "1", "0", "1"]
+def test_round_robin_and_membership():
+    instances, gs = cluster(2, PolicyConfig(dispatch="rr"))
+    assert [gs.dispatch(make_request(), 0.0).instance_id for _ in range(4)] == ["0", "1", "0", "1"]
     with pytest.raises(ValueError, match="already in use"):
-        gs.add_instance(InProcessInstance(make_engine("0")))
-    gs.remove_instance("1")
-    assert [i.instance_id for i in gs.instances] == ["0"]
-    with pytest.raises(ValueError, match="no instance"):
-        gs.remove_instance("1")
+        gs.add_instance(InProcessInstance(make_engine("1")))
+    gs.remove_instance("0")
+    assert [gs.dispatch(make_request(), 0.0).instance_id for _ in range(2)] == ["1", "1"]
+    with pytest.raises(ValueError, match="no instance 'nope'"):
+        gs.get_instance("nope")
 
 
-def test_unknown_dispatch_policy_lists_names():
-    with pytest.raises(ValueError, match="round-robin, least-load"):
-        GlobalScheduler([], dispatch="freest")
+def test_a_draining_instance_gets_no_new_work():
+    instances, gs = cluster(3, PolicyConfig(dispatch="rr"))
+    gs.drain("1")
+    assert {gs.dispatch(make_request(), 0.0).instance_id for _ in range(6)} == {"0", "2"}
+    gs.drain("0")
+    gs.drain("2")
+    with pytest.raises(ValueError, match="every instance is draining"):
+        gs.dispatch(make_request(), 0.0)
 
 
-def test_dispatch_to_no_instance_is_an_error():
-    with pytest.raises(ValueError, match="no instance"):
-        GlobalScheduler([]).dispatch(make_request(), 0.0)
+def test_control_step_orders_the_shortest_running_request_from_the_least_free_to_the_freest():
+    policy = build_policy("llumnix", src_freeness=8.0, dst_freeness=10.0)
+    instances, gs = cluster(2, policy, num_blocks=24, max_num_seqs=8)
+    a = instances[0]
+    long_ = make_request(prompt_len=30, max_tokens=40)
+    short = make_request(prompt_len=9, max_tokens=40)
+    for r in (long_, short):
+        a.add_request(r)
+    for _ in range(3):
+        step(a.engine)
+    gs.collect_reports(0.0)  # instance 0: 11 of 24 blocks for 2 requests, F = 6.5; instance 1 idle
+    orders = gs.control_step(0.0)
+    assert orders == [MigrationOrder(short.request_id, "0", "1")]
+    # With a migration in flight on the source, nothing more is ordered from it.
+    assert gs.control_step(0.0, num_migrations=lambda iid: 1 if iid == "0" else 0) == []
+    assert GlobalScheduler(instances, PolicyConfig(dispatch="rr")).control_step(0.0) == []  # no migration policy
 
 
-def test_a_request_that_cannot_fit_is_refused_and_not_counted():
-    gs = GlobalScheduler([InProcessInstance(make_engine("0", num_blocks=4))])
-    with pytest.raises(ValueError):
-        gs.dispatch(make_request(prompt_len=100), 0.0)
-    assert gs.ctx.num_dispatched == 0
-
-
-def test_control_hooks_are_no_ops_for_now():
-    gs = GlobalScheduler([InProcessInstance(make_engine("0"))])
-    reports = gs.load_reports(1.0)
-    assert gs.control_step(reports, 1.0) == []
-    assert gs.scaling_decision(reports, 1.0) == 0
-
-
-def test_registry_names_match_functions():
-    assert DISPATCH.get("round-robin") is round_robin
-    assert DISPATCH.get("least-load") is least_load
+def test_bundles_and_overrides():
+    assert set(BUNDLES.names()) >= {"rr", "infaas", "llumnix"}
+    assert build_policy("rr").dispatch == "round-robin" and build_policy("rr").migration == "none"
+    llumnix = build_policy("llumnix")
+    assert (llumnix.dispatch, llumnix.migration) == ("llumnix", "llumnix")
+    tuned = build_policy("llumnix", dispatch="slo", src_freeness=2.0, selection="longest")
+    assert tuned.dispatch == "slo" and tuned.migration == "llumnix"
+    assert tuned.migration_policy == MigrationPolicyConfig(src_freeness=2.0, selection="longest", move_waiting=False)
+    assert build_policy("llumnix", dispatch=None).dispatch == "llumnix"  # None leaves the bundle's choice
+    with pytest.raises(ValueError, match="unknown policy bundle 'fast'; choose from: rr, infaas, llumnix"):
+        build_policy("fast")
+    with pytest.raises(ValueError, match="unknown migration policy"):
+        build_policy("rr", migration="teleport")

@@ -48,7 +48,9 @@ def test_duplicate_registration_fails():
 
 
 def test_project_registries_hold_the_required_names():
-    assert {"round-robin", "least-load"} <= set(DISPATCH.names())
+    assert {"round-robin", "random", "least-requests", "queue", "infaas", "llumnix", "power-of-two", "prefix",
+            "slo"} <= set(DISPATCH.names())
+    assert DISPATCH.canonical("rr") == "round-robin" and DISPATCH.canonical("least-load") == "infaas"
     assert {"roofline", "profiled"} <= set(LATENCY_MODELS.names())
     assert {"a10", "l4", "l40s", "a40", "a100-40gb", "a100-80gb", "h100", "h200"} <= set(HARDWARE.names())
     assert {"llama-2-7b", "llama-2-13b", "llama-3-8b", "llama-2-70b", "qwen2.5-7b", "smollm2-135m"} <= set(MODELS.names())

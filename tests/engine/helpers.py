@@ -48,6 +48,37 @@ def assert_all_free(engine: InstanceEngine) -> None:
     assert not bm.req_to_block_ids
     assert not bm.req_to_num_cached_blocks
     assert not bm.req_to_block_hashes
-    assert not s.requests and not s.waiting and not s.running and not s.reserved_ids
+    assert not s.requests and not s.waiting and not s.running and not s.incoming and not s.suspended
 
 
+
+
+def copy_plan(src: InstanceEngine, dst: InstanceEngine, plan) -> None:
+    """Carry out a migration stage's copy between two FakeExecutors (the KV the fake model reads)."""
+    dst.executor.write_blocks(plan.dst_block_ids, src.executor.read_blocks(plan.src_block_ids))
+
+
+def migrate(coordinator, src, dst, request_id: str, now: float = 0.0, steps_between_stages: int = 0,
+            copy: bool = True, into: dict[str, list[TokenDelta]] | None = None):
+    """Drive one migration to its end through the cluster's state machine; returns the Migration.
+
+    `src`/`dst` are InProcessInstances over engines with FakeExecutors; the source
+    takes `steps_between_stages` steps while each non-final copy is under way
+    (their deltas go `into` the given dict).
+    """
+    m = coordinator.start(request_id, src, dst, now)
+    while True:
+        plan = coordinator.advance(m, now)
+        if plan is None:
+            return m
+        if copy:
+            copy_plan(src.engine, dst.engine, plan)
+        if plan.is_final:
+            coordinator.commit(m, now)
+            src.engine.check_invariants()
+            dst.engine.check_invariants()
+            return m
+        for _ in range(steps_between_stages):
+            for d in step(src.engine, now)[1]:
+                if into is not None:
+                    into.setdefault(d.request_id, []).append(d)

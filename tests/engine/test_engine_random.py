@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
+from shunter.cluster.instance import InProcessInstance
+from shunter.cluster.migration import COMMITTED, MigrationConfig, MigrationCoordinator
 from shunter.engine.block_manager import cdiv
 from shunter.request import Request, RequestStatus, SamplingParams, TokenDelta
-from tests.engine.helpers import assert_all_free, assert_closed_once, tokens_of
+from tests.engine.helpers import assert_all_free, assert_closed_once, migrate, tokens_of
 from tests.factories import make_engine, reference_output
 
 # Prompts start with a slice of one of a few shared bases so prefix hits happen.
@@ -169,6 +171,7 @@ def test_random_live_migrations_keep_greedy_output(config, operations):
     bs = config["block_size"]
     run = Run()
     home: dict[str, int] = {}
+    coordinator = MigrationCoordinator(MigrationConfig(), bs)
     for op in operations:
         if op[0] == "add":
             run.add(engines[op[-1]], op[:-1])
@@ -187,18 +190,13 @@ def test_random_live_migrations_keep_greedy_output(config, operations):
                 src_i = home[r.request_id]
                 src, dst = engines[src_i], engines[1 - src_i]
                 current = src.get_request(r.request_id)
-                state = src.export_request(r.request_id)
-                if dst.reserve_blocks(r.request_id, state.num_computed_tokens) is None:
-                    dst.cancel_reservation(r.request_id)
-                else:
-                    n = cdiv(state.num_computed_tokens, bs)
-                    dst.executor.write_blocks(dst.reserved_block_ids(r.request_id)[:n],
-                                              src.executor.read_blocks(state.block_ids[:n]))
-                    moved = dst.import_request(state)
-                    src.release_exported(r.request_id, run.now)
+                m = migrate(coordinator, InProcessInstance(src), InProcessInstance(dst), r.request_id, run.now)
+                if m.outcome == COMMITTED:
                     assert current.status is RequestStatus.FINISHED_MIGRATED
-                    run.requests[r.request_id] = moved
+                    run.requests[r.request_id] = dst.get_request(r.request_id)
                     home[r.request_id] = 1 - src_i
+                else:
+                    assert current.status is RequestStatus.RUNNING
         _check(*engines)
     _drain(run, *engines)
     num_migrations = sum(r.num_migrations for r in run.requests.values())

@@ -175,7 +175,7 @@ def test_preemption_victim_is_lowest_priority_then_latest_arrival(priorities, vi
     assert all(r.num_preemptions == 0 for r in requests if r is not v)
     report = engine.load_report(0.0)
     assert report.num_preempted == 1 and report.num_waiting == 1 and report.num_running == 2
-    assert report.waiting_block_demands == [cdiv(v.num_tokens, 4)]
+    assert report.head_block_demand == report.waiting_block_demand == cdiv(v.num_tokens, 4)
 
 
 def test_preempted_request_is_recomputed_and_generates_the_reference_output():
@@ -304,17 +304,19 @@ def test_abort_preempted():
     _abort_and_check(engine, victim, [r for r in requests if r is not victim])
 
 
-def test_abort_a_migration_reservation():
+def test_a_migration_reservation_is_freed_by_cancelling_its_migration_not_by_request_abort():
     engine = make_engine()
     r = make_request(prompt_len=9, max_tokens=20)
     engine.add_request(r)
     step(engine)
-    assert engine.reserve_blocks("incoming", 21) is not None
+    assert engine.reserve_migration("m7", "incoming", 21) is not None
     assert engine.scheduler.block_manager.num_used_blocks == cdiv(9, 4) + cdiv(21, 4)
-    delta = engine.abort_request("incoming", 3.0)
-    assert delta is not None and delta.finish_reason == "abort" and delta.request_id == "incoming"
-    assert engine.reserved_block_ids("incoming") == [] and "incoming" not in engine.scheduler.reserved_ids
+    assert engine.load_report(0.0).num_reserved_blocks == cdiv(21, 4)
+    assert engine.abort_request("incoming", 3.0) is None  # not live here: nothing to abort
+    assert engine.cancel_migration("m7") == cdiv(21, 4)
+    assert engine.reserved_block_ids("m7") == [] and not engine.scheduler.incoming
     assert engine.scheduler.block_manager.num_used_blocks == cdiv(9, 4)
+    assert engine.cancel_migration("m7") == 0  # twice: a no-op
     engine.check_invariants()
     engine.abort_request(r.request_id, 3.0)
     assert_all_free(engine)
@@ -515,7 +517,8 @@ def test_load_report_fields():
         engine.add_request(r)
     empty = engine.load_report(0.0)
     assert (empty.num_running, empty.num_waiting, empty.num_used_blocks, empty.num_free_blocks) == (0, 3, 0, 20)
-    assert empty.waiting_block_demands == [3, 2, 3] and empty.priority_to_num_running == {}
+    assert (empty.head_block_demand, empty.waiting_block_demand) == (3, 3 + 2 + 3)
+    assert empty.num_pending_prefill_tokens == 10 + 6 + 9 and empty.priority_to_num_running == {}
     step(engine)
     r3 = make_request(prompt_len=5, max_tokens=20, priority=2, arrival_time=3.0)
     engine.add_request(r3)
@@ -525,12 +528,15 @@ def test_load_report_fields():
     assert report.num_used_blocks == cdiv(10, 4) + cdiv(6, 4) == 5
     assert report.num_free_blocks == 15 and report.num_total_blocks == 20
     assert report.block_usage == 5 / 20
-    assert report.waiting_block_demands == [cdiv(5, 4), cdiv(9, 4)]  # admission order: r3 (priority 2) first
+    # Admission order: r3 (priority 2) is the head of line.
+    assert (report.head_block_demand, report.waiting_block_demand) == (cdiv(5, 4), cdiv(5, 4) + cdiv(9, 4))
+    assert report.num_pending_prefill_tokens == 5 + 9  # r0 and r1 are decoding
+    assert report.num_reserved_blocks == report.num_migrating == report.num_incoming == 0
     assert report.priority_to_num_running == {1: 1, 0: 1}
     drain(engine)
     done = engine.load_report(9.0)
     assert (done.num_running, done.num_waiting, done.num_used_blocks, done.num_free_blocks) == (0, 0, 0, 20)
-    assert done.priority_to_num_running == {} and done.waiting_block_demands == []
+    assert done.priority_to_num_running == {} and done.waiting_block_demand == done.head_block_demand == 0
 
 
 # ---- scheduler invariants catch corruption -----------------------------------------------------

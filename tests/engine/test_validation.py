@@ -16,7 +16,8 @@ def _assert_untouched(engine, live=()):
     s = engine.scheduler
     assert set(s.requests) == {r.request_id for r in live}
     assert {r.request_id for r in s.waiting + s.running} == {r.request_id for r in live}
-    assert set(s.block_manager.req_to_block_ids) <= {r.request_id for r in live} | s.reserved_ids
+    reservations = {("migration", m) for m in s.incoming}
+    assert set(s.block_manager.req_to_block_ids) <= {r.request_id for r in live} | reservations
     assert not set(s.block_manager.req_to_block_hashes) - {r.request_id for r in live}
     engine.check_invariants()
 
@@ -155,16 +156,16 @@ def test_duplicate_of_a_waiting_request_id():
     assert len(engine.scheduler.waiting) == 1
 
 
-def test_id_of_an_incoming_migration_reservation_is_in_use():
+def test_id_of_a_request_migrating_here_is_in_use():
     engine = make_engine()
-    assert engine.reserve_blocks("m", 10) is not None
-    reserved = list(engine.reserved_block_ids("m"))
-    with pytest.raises(ValueError, match="'m'"):
-        engine.add_request(make_request(prompt_len=5, request_id="m"))
-    assert engine.reserved_block_ids("m") == reserved
+    assert engine.reserve_migration("m1", "x", 10) is not None
+    reserved = list(engine.reserved_block_ids("m1"))
+    with pytest.raises(ValueError, match="'x'"):
+        engine.add_request(make_request(prompt_len=5, request_id="x"))
+    assert engine.reserved_block_ids("m1") == reserved
     assert not engine.scheduler.requests
     engine.check_invariants()
-    engine.cancel_reservation("m")
+    engine.cancel_migration("m1")
     assert_all_free(engine)
 
 

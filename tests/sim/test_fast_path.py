@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from shunter.cluster.bundles import PolicyConfig
 from shunter.request import RequestStatus
 from shunter.sim.latency import ConstantLatency, summarize_batch
 from shunter.sim.profiled import ProfiledLatency
@@ -50,7 +51,7 @@ def test_fast_path_equals_step_by_step(seed):
                                prefixes=rng.random() < 0.5)
     latency = rng.choice([roofline(), ConstantLatency(0.01)])
     fast, slow = _run_both(workload, latency, num_instances=rng.choice([1, 3]), scheduler=sched,
-                           dispatch=rng.choice(["round-robin", "least-load"]),
+                           policy=PolicyConfig(dispatch=rng.choice(["round-robin", "least-load"])),
                            control_interval=rng.choice([None, 0.03, 0.5]))
     _assert_same(fast, slow)
     assert len(fast[1].records) + len(fast[1].rejected) == len(workload)
@@ -68,10 +69,53 @@ def test_fast_path_equals_step_by_step_under_heavy_preemption():
 def test_fast_path_equals_step_by_step_with_migrations_and_debug():
     workload = random_workload(9, 30, rate=20.0, max_output=150)
     migrations = [(0.3, "r2", "0", "1"), (0.5, "r5", "1", "0"), (0.9, "r9", "0", "1"), (1.1, "r14", "1", "0")]
-    fast, slow = _run_both(workload, roofline(), migrations, num_instances=2, dispatch="round-robin", debug=True,
+    fast, slow = _run_both(workload, roofline(), migrations, num_instances=2, policy=PolicyConfig(dispatch="round-robin"), debug=True,
                            control_interval=0.1)
     _assert_same(fast, slow)
     assert any(m.outcome == "committed" for m in fast[1].migrations)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_path_equals_step_by_step_with_policies_and_migration_policy(seed):
+    """Every dispatch policy and the Llumnix migration policy, invariants checked after every step."""
+    from shunter.cluster.bundles import build_policy
+    from shunter.cluster.dispatch import DISPATCH
+
+    rng = random.Random(100 + seed)
+    sched = small_scheduler(num_blocks=rng.choice([40, 120]), block_size=16, max_num_batched_tokens=256,
+                            max_num_seqs=rng.choice([4, 32]), max_model_len=1024)
+    workload = random_workload(seed, 60, rate=rng.choice([20.0, 80.0]), max_prompt=250, max_output=200,
+                               prefixes=rng.random() < 0.5)
+    policy = build_policy("llumnix", dispatch=DISPATCH.names()[seed % len(DISPATCH)],
+                          src_freeness=rng.choice([2.0, 8.0]), dst_freeness=rng.choice([10.0, 30.0]),
+                          selection=rng.choice(["shortest", "longest", "last-arrived"]),
+                          move_waiting=rng.random() < 0.5)
+    fast, slow = _run_both(workload, roofline(), num_instances=3, scheduler=sched, policy=policy, debug=True,
+                           control_interval=rng.choice([0.02, 0.1]), seed=seed)
+    _assert_same(fast, slow)
+    records = fast[1].records
+    assert len(records) + len(fast[1].rejected) == len(workload)
+    assert all(r.num_output_tokens == w.num_output_tokens for r, w in
+               zip(records, sorted((w for w in workload if w.request_id not in fast[1].rejected),
+                                   key=lambda w: (w.arrival_time, w.request_id))))
+    for sim, _ in (fast, slow):
+        for inst in sim.instances:
+            bm = inst.scheduler.block_manager
+            assert bm.num_free_blocks == bm.num_blocks and not inst.scheduler.incoming
+
+
+def test_the_migration_policy_migrates_in_the_simulator():
+    from shunter.cluster.bundles import build_policy
+
+    sched = small_scheduler(num_blocks=60, block_size=16, max_num_batched_tokens=256, max_num_seqs=32)
+    workload = random_workload(3, 80, rate=60.0, max_prompt=250, max_output=200)
+    fast, slow = _run_both(workload, roofline(), num_instances=3, scheduler=sched, debug=True,
+                           policy=build_policy("llumnix", dispatch="round-robin", src_freeness=4.0, dst_freeness=8.0),
+                           control_interval=0.05)
+    _assert_same(fast, slow)
+    committed = [m for m in fast[1].migrations if m.outcome == "committed"]
+    assert committed and all(m.downtime is not None and m.downtime >= 0 for m in committed)
+    assert sum(r.num_migrations for r in fast[1].records) == len(committed)
 
 
 def test_profiled_latency_takes_the_generic_decode_path():
