@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from shunter.errors import CLIError
+
 # Modules that add a top-level subcommand.
 COMMAND_MODULES = [
     "shunter.generate_cli",
@@ -19,10 +21,6 @@ COMMAND_MODULES = [
     "shunter.sim.profile",
     "shunter.bench.cli",
 ]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

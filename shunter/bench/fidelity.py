@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from shunter.errors import CLIError, one_line_error
+
 CONTEXT = 1024
 SHAREGPT_MAX_TOKENS = 8192  # the length trace is filtered to 8k tokens per request
 DEFAULT_REQUESTS = 100
@@ -187,8 +189,6 @@ def register(bench_subparsers) -> None:
                         "to leave the CPUs alone")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-    from shunter.sim.profile import one_line_error
-
     p.error = one_line_error
 
 
@@ -238,7 +238,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
     from shunter.bench.replay import replay
-    from shunter.cli import CLIError
     from shunter.sim.profile import (
         DEFAULT_GRID, QUICK_GRID, CpuSnapshot, MachineBusyError, Profiler, build_engine, cpu_name, fit_summary,
         load_average, profile_engine, wait_until_idle,

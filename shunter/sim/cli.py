@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shunter.errors import one_line_error
+
 DEFAULT_HARDWARE = "a100-80gb"
 DEFAULT_MODEL = "llama-2-7b"
 
@@ -68,11 +70,6 @@ def register(subparsers) -> None:
     o.add_argument("--no-fast-path", action="store_true", help="drive every engine step through the event queue")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_simulate)
-
-    def one_line_error(message: str) -> None:  # argparse's own errors, in the CLI's one-line form
-        print(f"shunter: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
     p.error = one_line_error
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from shunter.config import SchedulerConfig
+from shunter.errors import CLIError, one_line_error
 
 # The scheduler limits of the profiled engine and of the fidelity benchmark's real instance.
 BLOCK_SIZE = 16
@@ -587,12 +588,6 @@ def fit_summary(model, points: list[GridPoint], held_out: list) -> dict:
 
 
 # ---- the command -------------------------------------------------------------------------------
-def one_line_error(message: str) -> None:
-    """argparse's own errors in the CLI's one-line form (exit status 2)."""
-    print(f"shunter: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "profile", help="measure the real engine's step times on this machine (profile JSON for the simulator)",
@@ -636,8 +631,6 @@ def run_profile(args: argparse.Namespace) -> int:
         profile, points, held_out = profile_engine(real, grid, show_progress=not args.quiet and sys.stderr.isatty(),
                                                    seed=args.seed, rounds=args.rounds)
     except MachineBusyError as e:
-        from shunter.cli import CLIError
-
         raise CLIError(str(e)) from None
     model = ProfiledLatency.from_profile(profile)
     profile.metadata["fit"] = fit_summary(model, points, held_out)
