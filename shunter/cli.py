@@ -18,7 +18,7 @@ from shunter.errors import CLIError
 COMMAND_MODULES = [
     "shunter.generate_cli",
     "shunter.sim.cli",
-    "shunter.sim.profile",
+    "shunter.profiling.cli",
     "shunter.bench.cli",
 ]
 
