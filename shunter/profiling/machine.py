@@ -13,27 +13,32 @@ from pathlib import Path
 from typing import Callable
 
 
-def runqueue_wait_seconds() -> float | None:
+def runqueue_wait_seconds(task_dir: str | Path = "/proc/self/task") -> float | None:
     """Seconds this process's threads have spent runnable but waiting for a CPU, or None where unknown.
 
-    Linux schedstat (`/proc/self/task/*/schedstat`, second field). A step
-    whose threads waited for a CPU was slowed by other processes: with torch's
-    OpenMP threads on every core, one descheduled thread stalls all of them at
-    the next barrier, so a single busy neighbour can make a step 5-15x slower.
+    Linux schedstat: `task_dir/<tid>/schedstat` holds "<ns on a CPU> <ns
+    waiting for one> <timeslices>"; the second fields are summed over the
+    threads. A thread whose file cannot be read or parsed is skipped (it may
+    have just ended); None if `task_dir` cannot be listed (not Linux) or no
+    thread's file could be read. A step whose threads waited for a CPU was
+    slowed by other processes: with torch's OpenMP threads on every core, one
+    descheduled thread stalls all of them at the next barrier, so a single
+    busy neighbour can make a step 5-15x slower.
     """
     try:
-        tids = os.listdir("/proc/self/task")
+        tids = os.listdir(task_dir)
     except OSError:
         return None
     total = 0
+    num_read = 0
     for tid in tids:
         try:
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
+            with open(os.path.join(task_dir, tid, "schedstat")) as f:
                 total += int(f.read().split()[1])
         except (OSError, IndexError, ValueError):
-            continue  # a thread that just ended
-    return total / 1e9
-
+            continue
+        num_read += 1
+    return total / 1e9 if num_read else None
 
 
 @dataclass(frozen=True)

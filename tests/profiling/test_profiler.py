@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from shunter.cli import main
@@ -137,9 +139,32 @@ def test_a_machine_that_stays_busy_is_refused():
         fake_profile(wait_seconds=ContendedMeter(range(10_000)), pause=lambda: None, max_retries=3)
 
 
-def test_runqueue_wait_is_read_on_linux():
+def write_schedstat(task_dir, tid: str, text: str | None) -> None:
+    (task_dir / tid).mkdir(parents=True)
+    if text is not None:
+        (task_dir / tid / "schedstat").write_text(text)
+
+
+def test_runqueue_wait_sums_the_second_schedstat_field_of_every_thread(tmp_path):
+    write_schedstat(tmp_path, "101", "8123456789 2500000000 731\n")
+    write_schedstat(tmp_path, "102", "17 500000000 3\n")
+    write_schedstat(tmp_path, "103", "garbage\n")  # malformed: skipped
+    write_schedstat(tmp_path, "104", "12 not-a-number 1\n")
+    write_schedstat(tmp_path, "105", None)  # a thread that ended between the listing and the read
+    assert runqueue_wait_seconds(tmp_path) == pytest.approx(3.0)
+
+
+def test_runqueue_wait_is_unknown_without_a_readable_schedstat(tmp_path):
+    assert runqueue_wait_seconds(tmp_path / "missing") is None  # not Linux
+    write_schedstat(tmp_path, "101", "")
+    write_schedstat(tmp_path, "102", None)
+    assert runqueue_wait_seconds(tmp_path) is None  # nothing read is not "no wait"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="schedstat is Linux's")
+def test_runqueue_wait_of_this_process_is_read_on_linux():
     waited = runqueue_wait_seconds()
-    assert waited is None or waited >= 0
+    assert isinstance(waited, float) and waited >= 0
 
 
 @pytest.mark.parametrize("grid, named", [
