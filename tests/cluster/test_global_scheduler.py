@@ -89,7 +89,3 @@ def test_control_hooks_are_no_ops_for_now():
     assert gs.control_step(reports, 1.0) == []
     assert gs.scaling_decision(reports, 1.0) == 0
 
-
-def test_registry_names_match_functions():
-    assert DISPATCH.get("round-robin") is round_robin
-    assert DISPATCH.get("least-load") is least_load
