@@ -108,7 +108,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     )
     from shunter.sim.simulator import SimConfig
     from shunter.sim.simulator import simulate as simulate_once
-    from shunter.sim.workloads import WorkloadSpec, load_workload
+    from shunter.sim.workloads import WorkloadSpec, load_workload_with_clipping
 
     if args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
@@ -132,7 +132,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     num_blocks = args.num_blocks or latency.kv_capacity_blocks(args.block_size, args.max_num_batched_tokens)
     if num_blocks is None:
         raise ValueError(f"latency model {args.latency_model} implies no KV capacity; give --num-blocks")
-    workload = load_workload(spec)
+    workload, clipping = load_workload_with_clipping(spec)
+    notice = clipping.summary(len(workload))
+    if notice:  # a trace written for a longer context can lose most of its prompts; never silently
+        print(f"shunter: note: {notice}", file=sys.stderr)
     scheduler = SchedulerConfig(num_blocks=num_blocks, block_size=args.block_size,
                                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                 max_model_len=max_model_len)
@@ -189,6 +192,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "latency_model": latency.describe(),
         "scheduler": dataclasses.asdict(dataclasses.replace(scheduler, enable_prefix_caching=result.prefix_caching)),
         "prefix_caching": args.prefix_caching, "fast_path": config.fast_path,
+        "clipping": dataclasses.asdict(clipping),
     }
     report = build_report(result, len(workload), config=run_config, wall_seconds=wall, goodput=goodput)
     print(format_summary(report))
