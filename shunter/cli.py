@@ -12,17 +12,18 @@ import argparse
 import importlib
 import sys
 
+from shunter.errors import CLIError
+
 # Modules that add a top-level subcommand.
 COMMAND_MODULES = [
     "shunter.generate_cli",
     "shunter.sim.cli",
-    "shunter.sim.profile",
+    "shunter.profiling.cli",
     "shunter.bench.cli",
 ]
 
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+# What `pip install 'shunter[model]'` adds to the torch-free core (pyproject's `model` extra).
+MODEL_EXTRA_PACKAGES = frozenset({"torch", "transformers", "tokenizers", "gguf", "accelerate", "safetensors"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except (CLIError, ValueError, FileNotFoundError) as e:
         print(f"shunter: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        # The core installs without torch; a command that needs the real model says how to get it.
+        missing = (e.name or "").split(".")[0]
+        if missing not in MODEL_EXTRA_PACKAGES:
+            raise
+        print(f"shunter: error: shunter {args.command} needs {missing} (the model extra): "
+              "pip install 'shunter[model]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shunter: interrupted", file=sys.stderr)

@@ -139,7 +139,7 @@ def run(args) -> int:
         hf_tok_s = hf_tokens / hf_s
         ratio = shunter_tok_s / hf_tok_s
         print(f"hf generate (batches of {HF_BATCH_SIZE}): {hf_tokens} output tokens in {hf_s:.1f} s = {hf_tok_s:.1f} tok/s")
-        print(f"ratio shunter / hf: {ratio:.2f}x   (peer for reference: vLLM CPU ~{VLLM_CPU_PEER_TOK_S} tok/s, "
+        print(f"ratio shunter / hf: {ratio:.2f}x   (reference, not measured here: vLLM CPU ~{VLLM_CPU_PEER_TOK_S} tok/s, "
               f"ratio {shunter_tok_s / VLLM_CPU_PEER_TOK_S:.2f})")
         result.update(hf_output_tok_s=hf_tok_s, ratio=ratio)
     if args.json:

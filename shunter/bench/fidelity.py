@@ -1,7 +1,7 @@
 """`shunter bench fidelity`: does the simulator reproduce the real engine's latencies?
 
 One bounded workload runs twice, with the same `SchedulerConfig`
-(`shunter.sim.profile.engine_scheduler_config`):
+(`shunter.profiling.profiler.engine_scheduler_config`):
 
 - real: one in-process instance of the built-in model on this machine, driven
   on the wall clock by `shunter.bench.replay` (requests admitted at their
@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from shunter.errors import CLIError, one_line_error
+
 CONTEXT = 1024
 SHAREGPT_MAX_TOKENS = 8192  # the length trace is filtered to 8k tokens per request
 DEFAULT_REQUESTS = 100
@@ -69,7 +71,7 @@ def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
     import numpy as np
 
     from shunter.bench.replay import TimedRequest
-    from shunter.sim.profile import LOW_TOKEN_ID
+    from shunter.profiling.profiler import LOW_TOKEN_ID
     from shunter.sim.workloads import WorkloadSpec, load_workload
 
     scale = context / SHAREGPT_MAX_TOKENS
@@ -88,7 +90,7 @@ def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
 
 def simulate(workload: FidelityWorkload, latency, max_model_len: int):
     """The workload on one simulated instance with the real engine's scheduler limits."""
-    from shunter.sim.profile import engine_scheduler_config
+    from shunter.profiling.profiler import engine_scheduler_config
     from shunter.sim.simulator import SimConfig, Simulator
 
     config = SimConfig(num_instances=1, scheduler=engine_scheduler_config(max_model_len), control_interval=None)
@@ -187,13 +189,11 @@ def register(bench_subparsers) -> None:
                         "to leave the CPUs alone")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-    from shunter.sim.profile import one_line_error
-
     p.error = one_line_error
 
 
 def run(args: argparse.Namespace) -> int:
-    from shunter.sim.profile import packaged_profile
+    from shunter.sim.profiled import packaged_profile
 
     if args.requests < 1:
         raise ValueError(f"--requests must be at least 1, got {args.requests}")
@@ -214,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
         if path and not Path(path).parent.is_dir():
             raise ValueError(f"cannot write {path!r}: its directory does not exist")
 
-    from shunter.sim.profile import BUILTIN_MODEL_NAME, HARDWARE_NAME, cpu_name, default_threads
-    from shunter.sim.profiled import Profile
+    from shunter.profiling.machine import cpu_name, default_threads
+    from shunter.sim.profiled import BUILTIN_MODEL_NAME, HARDWARE_NAME, Profile
 
     profile = None
     if args.profile:
@@ -238,11 +238,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
     from shunter.bench.replay import replay
-    from shunter.cli import CLIError
-    from shunter.sim.profile import (
-        DEFAULT_GRID, QUICK_GRID, CpuSnapshot, MachineBusyError, Profiler, build_engine, cpu_name, fit_summary,
-        load_average, profile_engine, wait_until_idle,
-    )
+    from shunter.profiling.machine import CpuSnapshot, cpu_name, load_average, wait_until_idle
+    from shunter.profiling.profiler import DEFAULT_GRID, QUICK_GRID, MachineBusyError, Profiler
+    from shunter.profiling.real import build_engine, profile_engine
+    from shunter.profiling.report import fit_summary
     from shunter.sim.profiled import ProfiledLatency
 
     real = build_engine(dtype, threads)

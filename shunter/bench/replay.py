@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from shunter.engine import InstanceEngine
+from shunter.profiling.machine import runqueue_wait_seconds
 from shunter.request import Request, SamplingParams
 from shunter.sim.metrics import RequestRecord
-from shunter.sim.profile import runqueue_wait_seconds
 from shunter.sim.profiled import ProfileStep
 
 

@@ -4,8 +4,10 @@ Workload: the first 10,000 requests of azure2023_conv at the trace's own rate on
 16 a100-80gb instances serving llama-2-7b, roofline latency, least-load
 dispatch — the setting the simulator issue names. The figure is simulated
 requests per wall second of `Simulator.run` (trace loading excluded, request
-construction and dispatch included), printed next to the baselines the issue
-gives for other simulators on this machine.
+construction and dispatch included), printed next to an in-run baseline (the
+same simulator stepping one event per engine step) and the reference figures
+the issue quotes for other simulators on this machine, which this command does
+not measure.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import argparse
 
 from shunter.sim.cli import HelpFormatter
 
-# Baselines stated in the simulator issue (same workload, this 2-core machine).
+# Reference values quoted in the simulator issue (same workload, this 2-core machine): constants, not measured here.
 VIDUR_REQUESTS_PER_S = 355.0
 DISTSERVE_REQUESTS_PER_S = 600.0
 TARGET_REQUESTS_PER_S = 2000.0
+REFERENCE_SOURCE = "vidur/distserve figures: reference values quoted in the simulator issue, not measured here"
 
 
 def register(bench_subparsers) -> None:
@@ -87,7 +90,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if baseline_rate is not None:
         print(f"  in-run baseline {baseline_rate:,.0f} req/s: one event per engine step, first {args.baseline_requests:,} "
               f"requests (ratio x{rate / baseline_rate:.1f})")
-    print(f"  baselines       Vidur ~{VIDUR_REQUESTS_PER_S:.0f} req/s (x{rate / VIDUR_REQUESTS_PER_S:.1f}), "
+    print(f"  reference       (quoted in the simulator issue, not measured here) "
+          f"Vidur ~{VIDUR_REQUESTS_PER_S:.0f} req/s (x{rate / VIDUR_REQUESTS_PER_S:.1f}), "
           f"DistServe's simulator ~{DISTSERVE_REQUESTS_PER_S:.0f} req/s (x{rate / DISTSERVE_REQUESTS_PER_S:.1f}); "
           f"target {TARGET_REQUESTS_PER_S:,.0f}")
     if args.json_path:
@@ -96,6 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
                        "instances": args.instances, "engine_steps": steps, "fast_path": not args.no_fast_path,
                        "vidur_requests_per_s": VIDUR_REQUESTS_PER_S, "ratio_to_vidur": rate / VIDUR_REQUESTS_PER_S,
                        "distserve_requests_per_s": DISTSERVE_REQUESTS_PER_S,
+                       "reference_source": REFERENCE_SOURCE,
                        "step_by_step_requests_per_s": baseline_rate,
                        "ratio_to_step_by_step": None if baseline_rate is None else rate / baseline_rate}, f, indent=1)
             f.write("\n")

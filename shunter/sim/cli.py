@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shunter.errors import one_line_error
+
 DEFAULT_HARDWARE = "a100-80gb"
 DEFAULT_MODEL = "llama-2-7b"
 
@@ -82,11 +84,6 @@ def register(subparsers) -> None:
     o.add_argument("--no-fast-path", action="store_true", help="drive every engine step through the event queue")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_simulate)
-
-    def one_line_error(message: str) -> None:  # argparse's own errors, in the CLI's one-line form
-        print(f"shunter: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
     p.error = one_line_error
 
 
@@ -127,7 +124,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     )
     from shunter.sim.simulator import SimConfig
     from shunter.sim.simulator import simulate as simulate_once
-    from shunter.sim.workloads import WorkloadSpec, load_workload
+    from shunter.sim.workloads import WorkloadSpec, load_workload_with_clipping
 
     if args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
@@ -160,7 +157,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     num_blocks = args.num_blocks or latency.kv_capacity_blocks(args.block_size, args.max_num_batched_tokens)
     if num_blocks is None:
         raise ValueError(f"latency model {args.latency_model} implies no KV capacity; give --num-blocks")
-    workload = load_workload(spec)
+    workload, clipping = load_workload_with_clipping(spec)
+    notice = clipping.summary(len(workload))
+    if notice:  # a trace written for a longer context can lose most of its prompts; never silently
+        print(f"shunter: note: {notice}", file=sys.stderr)
     scheduler = SchedulerConfig(num_blocks=num_blocks, block_size=args.block_size,
                                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                 max_model_len=max_model_len)
@@ -219,6 +219,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "latency_model": latency.describe(),
         "scheduler": dataclasses.asdict(dataclasses.replace(scheduler, enable_prefix_caching=result.prefix_caching)),
         "prefix_caching": args.prefix_caching, "fast_path": config.fast_path,
+        "clipping": dataclasses.asdict(clipping),
     }
     report = build_report(result, len(workload), config=run_config, wall_seconds=wall, goodput=goodput)
     print(format_summary(report))

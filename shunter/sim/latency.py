@@ -340,8 +340,7 @@ def _roofline(*, hardware: str | None = None, model: str | None = None, **_) -> 
 @LATENCY_MODELS.register("profiled")
 def _profiled(*, profile: str | None = None, hardware: str | None = None, model: str | None = None,
               **_) -> LatencyModel:
-    from shunter.sim.profile import packaged_profile
-    from shunter.sim.profiled import ProfiledLatency
+    from shunter.sim.profiled import ProfiledLatency, packaged_profile
 
     if profile is None:
         profile = packaged_profile(hardware, model)  # shipped for --hardware cpu --model smollm2-135m

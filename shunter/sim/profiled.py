@@ -1,6 +1,7 @@
 """The `profiled` latency model: a least-squares fit to measured steps of the real engine.
 
-Profile file (JSON), written by whoever measures the engine (`shunter profile`):
+Profile file (JSON), written by whoever measures the engine (`shunter profile`,
+in `shunter.profiling`; this module only reads and fits, without torch):
 
     {
       "format": "shunter-profile",
@@ -52,6 +53,23 @@ VERSION = 1
 FEATURES = ("intercept", "prefill_tokens", "prefill_attention_pairs", "prefill_chunks", "prefill_cached_tokens",
             "num_decodes", "sum_decode_context")
 REQUIRED_METADATA = ("hardware", "model", "dtype", "threads", "block_size", "num_blocks")
+
+# The built-in model on a CPU, as `shunter simulate` names them: what `shunter profile` measures.
+HARDWARE_NAME = "cpu"
+BUILTIN_MODEL_NAME = "smollm2-135m"  # its name in `shunter.sim.models`
+# Profiles shipped in shunter/sim/profiles/, by (hardware, model).
+PACKAGED_PROFILES = {(HARDWARE_NAME, BUILTIN_MODEL_NAME): "cpu-smollm2-135m.json"}
+
+
+def packaged_profile(hardware: str | None, model: str | None) -> str | None:
+    """The path of the profile shipped for `hardware` x `model`, or None if there is none."""
+    from importlib import resources
+
+    name = PACKAGED_PROFILES.get((hardware, model))
+    if name is None:
+        return None
+    path = resources.files("shunter.sim") / "profiles" / name
+    return str(path) if path.is_file() else None
 
 
 @dataclass

@@ -19,7 +19,9 @@ JSON schema (every latency in seconds, each summary {mean, p50, p90, p99}):
     throughput          {requests_per_s, output_tokens_per_s}
     instances           [{id, requests, steps, busy_fraction}]
     goodput             null | {rate, rate_per_gpu, rate_scale, slo_attainment, searched: [...]}
-    config              what was simulated
+    config              what was simulated; config.clipping: what max_model_len cut off the workload
+                        {max_model_len, num_prompts_clipped, num_prompt_tokens_clipped, num_outputs_clipped,
+                        num_output_tokens_clipped}
     simulation          {wall_seconds, events, requests_per_wall_s}
 """
 

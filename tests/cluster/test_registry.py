@@ -2,6 +2,7 @@
 
 import pytest
 
+from shunter.cli import main
 from shunter.cluster.policies import DISPATCH
 from shunter.registry import Registry
 from shunter.sim.hardware import HARDWARE
@@ -45,6 +46,38 @@ def test_duplicate_registration_fails():
     reg.register("x", 1)
     with pytest.raises(ValueError, match="already registered"):
         reg.register("x", 2)
+
+
+def test_decorator_returns_the_function_and_a_refused_one_changes_nothing():
+    reg = Registry("widget")
+
+    @reg.register("first")
+    def first():
+        return 1
+
+    assert first() == 1 and reg.get("first") is first  # the module keeps a plain function
+    with pytest.raises(ValueError, match="already registered"):
+        @reg.register("first")
+        def impostor():
+            return 2
+
+    assert reg.get("first") is first and reg.items() == [("first", first)]
+
+
+def test_unhashable_name_is_the_same_one_line_error():
+    reg = Registry("widget")
+    reg.register("one", 1)
+    with pytest.raises(ValueError, match=r"^unknown widget \['one'\]; choose from: one$"):
+        reg.get(["one"])
+
+
+def test_the_cli_lists_a_newly_registered_policy(monkeypatch, capsys):
+    # Adding a policy is one function and one decorator line: `--list` reads the registry, not a list of its own.
+    monkeypatch.setattr(DISPATCH, "_entries", dict(DISPATCH._entries))  # registered for this test only
+    DISPATCH.register("test-only-policy", lambda reports, request, ctx: 0)
+    assert main(["simulate", "--list"]) == 0
+    dispatch_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dispatch:"))
+    assert dispatch_line.split(":", 1)[1].split(", ")[-1].strip() == "test-only-policy"
 
 
 def test_project_registries_hold_the_required_names():

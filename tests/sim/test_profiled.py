@@ -1,14 +1,17 @@
-"""The profiled latency model: the profile format, validation, and the least-squares fit."""
+"""The profiled latency model: the profile format, validation, the least-squares fit, the packaged profile."""
 
 import json
 import random
 
 import pytest
 
+from shunter.cli import main
 from shunter.engine import ScheduledRequest, SchedulerOutput
 from shunter.request import Request
 from shunter.sim.latency import build_latency_model
-from shunter.sim.profiled import FEATURES, Profile, ProfiledLatency, ProfileStep, fit_coefficients
+from shunter.sim.profiled import (
+    FEATURES, Profile, ProfiledLatency, ProfileStep, fit_coefficients, packaged_profile,
+)
 
 TRUE = {"intercept": 4e-3, "prefill_tokens": 2.5e-5, "prefill_attention_pairs": 3e-9, "prefill_chunks": 1e-3,
         "prefill_cached_tokens": 4e-6, "num_decodes": 2e-4, "sum_decode_context": 1.5e-7}
@@ -105,3 +108,29 @@ def test_missing_or_broken_file(tmp_path):
 def test_degenerate_fit_is_refused():
     with pytest.raises(ValueError, match="zero time"):
         ProfiledLatency({name: 0.0 for name in FEATURES})
+
+
+def test_packaged_profile_is_the_default_for_cpu_smollm2():
+    path = packaged_profile("cpu", "smollm2-135m")
+    assert path is not None and path.endswith("cpu-smollm2-135m.json")
+    assert packaged_profile("a100-80gb", "llama-2-7b") is None
+    model = build_latency_model("profiled", hardware="cpu", model="smollm2-135m")
+    meta = model.metadata
+    assert (meta["hardware"], meta["model"], meta["block_size"]) == ("cpu", "smollm2-135m", 16)
+    assert "schedule + execute + update" in meta["seconds"]
+    # A decode step of the built-in model on a CPU takes milliseconds, a 512-token prefill far more.
+    decode = model.step_time((), 8, 8 * 256)
+    prefill = model.step_time([(512, 512)], 0, 0)
+    assert 1e-3 < decode < prefill < 10
+    with pytest.raises(ValueError, match="--profile PATH"):
+        build_latency_model("profiled", hardware="a100-80gb", model="llama-2-7b")
+
+
+def test_simulate_with_the_packaged_profile(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    argv = ["simulate", "--latency-model", "profiled", "--hardware", "cpu", "--model", "smollm2-135m",
+            "--trace", "sharegpt", "--max-requests", "30", "--rate", "1", "--quiet", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 30
+    assert report["config"]["latency_model"]["metadata"]["hardware"] == "cpu"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shunter.sim.workloads import (WorkloadRequest, WorkloadSpec, generate_arrivals, list_traces, load_workload,
-                                   parse_lengths, prompt_token_ids)
+from shunter.sim.workloads import (Clipping, WorkloadRequest, WorkloadSpec, generate_arrivals, list_traces,
+                                   load_workload, load_workload_with_clipping, parse_lengths, prompt_token_ids)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -143,8 +143,38 @@ def test_max_model_len_clips_prompts_outputs_and_blocks():
 
 def test_clipping_leaves_short_requests_alone():
     whole = full("azure2023_conv")
-    clipped = load_workload(WorkloadSpec("azure2023_conv", max_model_len=20_000))
+    clipped, clipping = load_workload_with_clipping(WorkloadSpec("azure2023_conv", max_model_len=20_000))
     assert clipped == whole
+    assert clipping == Clipping(max_model_len=20_000) and clipping.is_empty and clipping.summary(len(whole)) is None
+
+
+def test_clipping_counts_what_it_cut():
+    # Prompts 1200, 1100, 700, 300 and outputs 10, 20, 30, 40 into 601 tokens: three prompts lose
+    # 600 + 500 + 100 tokens, and their outputs keep the one token left (9 + 19 + 29 dropped).
+    requests, clipping = load_workload_with_clipping(WorkloadSpec(str(FIXTURES / "mooncake_small.jsonl"),
+                                                                  max_model_len=601))
+    assert [r.num_prompt_tokens for r in requests] == [600, 600, 600, 300]
+    assert clipping == Clipping(max_model_len=601, num_prompts_clipped=3, num_prompt_tokens_clipped=1200,
+                                num_outputs_clipped=3, num_output_tokens_clipped=57)
+    assert clipping.summary(4) == ("max_model_len 601: 3 of 4 prompts clipped to 600 tokens (1,200 prompt tokens "
+                                   "dropped); 3 outputs shortened to fit (57 output tokens dropped)")
+
+
+def test_clipping_counts_match_the_lengths_on_a_real_trace():
+    whole = full("mooncake_conversation")[:2000]
+    clipped, clipping = load_workload_with_clipping(WorkloadSpec("mooncake_conversation", max_model_len=4096,
+                                                                 max_requests=2000))
+    prompt_cut = [b.num_prompt_tokens - a.num_prompt_tokens for b, a in zip(whole, clipped)]
+    output_cut = [b.num_output_tokens - a.num_output_tokens for b, a in zip(whole, clipped)]
+    assert clipping.num_prompts_clipped == sum(1 for c in prompt_cut if c) > len(whole) / 2
+    assert clipping.num_prompt_tokens_clipped == sum(prompt_cut)
+    assert clipping.num_outputs_clipped == sum(1 for c in output_cut if c)
+    assert clipping.num_output_tokens_clipped == sum(output_cut)
+
+
+def test_no_max_model_len_clips_nothing():
+    _, clipping = load_workload_with_clipping(WorkloadSpec(str(FIXTURES / "mooncake_small.jsonl")))
+    assert clipping == Clipping() and clipping.is_empty
 
 
 # ---- prompt token ids ---------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """`load_workload`: a `WorkloadSpec` in, the requests of the workload out, sorted by arrival.
 
+`load_workload_with_clipping` also returns what fitting the lengths into
+`max_model_len` cut off (a `Clipping`), for the caller to report.
+
 Steps, in order: read the trace (or generate the synthetic one); take arrival
 times from it or draw them; select the window and cap the count; shift to start
 at 0; apply rate / rate_scale; clip lengths to max_model_len; label priorities
@@ -12,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from shunter.sim.workloads.arrivals import generate_arrivals, spread_buckets
+from shunter.sim.workloads.clipping import Clipping, clip_to_context
 from shunter.sim.workloads.lengths import parse_lengths
 from shunter.sim.workloads.request import PREFIX_BLOCK_TOKENS, WorkloadRequest
 from shunter.sim.workloads.spec import WorkloadSpec
@@ -23,6 +27,11 @@ DEFAULT_GENERATED_RATE = 1.0  # req/s of drawn arrivals when the spec gives no r
 
 def load_workload(spec: WorkloadSpec) -> list[WorkloadRequest]:
     """The requests `spec` describes; ValueError with one clear line if it cannot be met."""
+    return load_workload_with_clipping(spec)[0]
+
+
+def load_workload_with_clipping(spec: WorkloadSpec) -> tuple[list[WorkloadRequest], Clipping]:
+    """`load_workload`'s requests, and what `spec.max_model_len` cut off their prompts and outputs."""
     seeds = np.random.SeedSequence(spec.seed).spawn(3)
     length_rng, arrival_rng, priority_rng = (np.random.default_rng(s) for s in seeds)
     trace = _synthetic_trace(spec, length_rng) if spec.trace == SYNTHETIC else read_trace(spec.trace)
@@ -32,12 +41,14 @@ def load_workload(spec: WorkloadSpec) -> list[WorkloadRequest]:
     if spec.rate is not None and trace.arrival_times is not None:
         times = _rescaled(times, spec.rate)
     times = times / spec.rate_scale
-    prompts, outputs, blocks = _clipped_lengths(spec, trace, rows)
+    prompts, outputs, blocks, clipping = _clipped_lengths(spec, trace, rows)
     priorities = np.zeros(len(rows), dtype=np.int64)
     priorities[priority_rng.choice(len(rows), round(spec.priority_fraction * len(rows)), replace=False)] = 1
     request_ids = [f"{trace.name}-{r}" for r in trace.row_ids[rows].tolist()]
     columns = zip(request_ids, times.tolist(), prompts, outputs, blocks, priorities.tolist())
-    return [WorkloadRequest(rid, t, p, o, b, pr, spec.ttft_slo, spec.tpot_slo) for rid, t, p, o, b, pr in columns]
+    requests = [WorkloadRequest(rid, t, p, o, b, pr, spec.ttft_slo, spec.tpot_slo)
+                for rid, t, p, o, b, pr in columns]
+    return requests, clipping
 
 
 def _synthetic_trace(spec: WorkloadSpec, rng: np.random.Generator) -> Trace:
@@ -82,16 +93,13 @@ def _rescaled(times: np.ndarray, rate: float) -> np.ndarray:
 
 
 def _clipped_lengths(spec: WorkloadSpec, trace: Trace,
-                     rows: np.ndarray) -> tuple[list[int], list[int], list[tuple[int, ...] | None]]:
-    prompts = trace.num_prompt_tokens[rows]
-    outputs = trace.num_output_tokens[rows]
-    if spec.max_model_len is not None:
-        prompts = np.minimum(prompts, spec.max_model_len - 1)
-        outputs = np.minimum(outputs, spec.max_model_len - prompts)
+                     rows: np.ndarray) -> tuple[list[int], list[int], list[tuple[int, ...] | None], Clipping]:
+    prompts, outputs, clipping = clip_to_context(trace.num_prompt_tokens[rows], trace.num_output_tokens[rows],
+                                                 spec.max_model_len)
     if trace.prefix_block_ids is None:
-        return prompts.tolist(), outputs.tolist(), [None] * len(rows)
+        return prompts.tolist(), outputs.tolist(), [None] * len(rows), clipping
     # A clipped prompt keeps only the blocks it still touches.
     num_blocks = (-(-prompts // PREFIX_BLOCK_TOKENS)).tolist()
     blocks = [None if b is None else b[:k]
               for b, k in zip((trace.prefix_block_ids[r] for r in rows.tolist()), num_blocks)]
-    return prompts.tolist(), outputs.tolist(), blocks
+    return prompts.tolist(), outputs.tolist(), blocks, clipping

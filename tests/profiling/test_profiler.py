@@ -1,16 +1,17 @@
-"""`shunter profile`: the grid driver on a fake engine with a known cost, the file it writes, the packaged profile."""
+"""`shunter profile`: the grid driver on a fake engine with a known cost, the file it writes, the command."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 
 from shunter.cli import main
 from shunter.engine import InstanceEngine
+from shunter.profiling.machine import runqueue_wait_seconds
+from shunter.profiling.profiler import QUICK_GRID, MachineBusyError, ProfileGrid, Profiler, engine_scheduler_config
+from shunter.profiling.report import fit_summary, format_report
 from shunter.sim.latency import build_latency_model, summarize_batch
-from shunter.sim.profile import (
-    QUICK_GRID, MachineBusyError, ProfileGrid, Profiler, engine_scheduler_config, fit_summary, format_report,
-    packaged_profile, runqueue_wait_seconds,
-)
 from shunter.sim.profiled import FEATURES, Profile, ProfiledLatency, step_features
 from tests.factories import FakeExecutor
 
@@ -138,9 +139,32 @@ def test_a_machine_that_stays_busy_is_refused():
         fake_profile(wait_seconds=ContendedMeter(range(10_000)), pause=lambda: None, max_retries=3)
 
 
-def test_runqueue_wait_is_read_on_linux():
+def write_schedstat(task_dir, tid: str, text: str | None) -> None:
+    (task_dir / tid).mkdir(parents=True)
+    if text is not None:
+        (task_dir / tid / "schedstat").write_text(text)
+
+
+def test_runqueue_wait_sums_the_second_schedstat_field_of_every_thread(tmp_path):
+    write_schedstat(tmp_path, "101", "8123456789 2500000000 731\n")
+    write_schedstat(tmp_path, "102", "17 500000000 3\n")
+    write_schedstat(tmp_path, "103", "garbage\n")  # malformed: skipped
+    write_schedstat(tmp_path, "104", "12 not-a-number 1\n")
+    write_schedstat(tmp_path, "105", None)  # a thread that ended between the listing and the read
+    assert runqueue_wait_seconds(tmp_path) == pytest.approx(3.0)
+
+
+def test_runqueue_wait_is_unknown_without_a_readable_schedstat(tmp_path):
+    assert runqueue_wait_seconds(tmp_path / "missing") is None  # not Linux
+    write_schedstat(tmp_path, "101", "")
+    write_schedstat(tmp_path, "102", None)
+    assert runqueue_wait_seconds(tmp_path) is None  # nothing read is not "no wait"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="schedstat is Linux's")
+def test_runqueue_wait_of_this_process_is_read_on_linux():
     waited = runqueue_wait_seconds()
-    assert waited is None or waited >= 0
+    assert isinstance(waited, float) and waited >= 0
 
 
 @pytest.mark.parametrize("grid, named", [
@@ -154,34 +178,6 @@ def test_runqueue_wait_is_read_on_linux():
 def test_grid_outside_the_engine_limits_is_refused(grid, named):
     with pytest.raises(ValueError, match=named):
         grid.check(engine_scheduler_config(8192))
-
-
-def test_packaged_profile_is_the_default_for_cpu_smollm2():
-    path = packaged_profile("cpu", "smollm2-135m")
-    assert path is not None and path.endswith("cpu-smollm2-135m.json")
-    assert packaged_profile("a100-80gb", "llama-2-7b") is None
-    model = build_latency_model("profiled", hardware="cpu", model="smollm2-135m")
-    meta = model.metadata
-    assert (meta["hardware"], meta["model"], meta["block_size"]) == ("cpu", "smollm2-135m", 16)
-    assert "schedule + execute + update" in meta["seconds"]
-    # A decode step of the built-in model on a CPU takes milliseconds, a 512-token prefill far more.
-    decode = model.step_time((), 8, 8 * 256)
-    prefill = model.step_time([(512, 512)], 0, 0)
-    assert 1e-3 < decode < prefill < 10
-    with pytest.raises(ValueError, match="--profile PATH"):
-        build_latency_model("profiled", hardware="a100-80gb", model="llama-2-7b")
-
-
-def test_simulate_with_the_packaged_profile(tmp_path, capsys):
-    out = tmp_path / "report.json"
-    argv = ["simulate", "--latency-model", "profiled", "--hardware", "cpu", "--model", "smollm2-135m",
-            "--trace", "sharegpt", "--max-requests", "30", "--rate", "1", "--quiet", "--json", str(out)]
-    assert main(argv) == 0
-    import json
-
-    report = json.loads(out.read_text())
-    assert report["completed"] == 30
-    assert report["config"]["latency_model"]["metadata"]["hardware"] == "cpu"
 
 
 @pytest.mark.parametrize("argv, named", [
