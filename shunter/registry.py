@@ -65,9 +65,10 @@ class Registry(Generic[T]):
         try:
             return self._entries[self._aliases.get(name, name)]
         except (KeyError, TypeError):
-            raise ValueError(f"unknown {self.kind} {name!r}; choose from: {', '.join(self._listing())}") from None
+            raise ValueError(f"unknown {self.kind} {name!r}; choose from: {', '.join(self.listing())}") from None
 
-    def _listing(self) -> list[str]:
+    def listing(self) -> list[str]:
+        """Registered names in order, each followed by its aliases in parentheses."""
         return [name + "".join(f" ({a})" for a, n in self._aliases.items() if n == name) for name in self._entries]
 
     def names(self) -> list[str]:

@@ -94,15 +94,15 @@ def print_listing() -> None:
     from shunter.sim.models import MODELS
     from shunter.sim.workloads import list_traces
 
-    print("traces:          " + ", ".join(list_traces()) + " (or a trace file path)")
+    print("traces:              " + ", ".join(list_traces()) + " (or a trace file path)")
     print("hardware:")
     for name, gpu in HARDWARE.items():
         print(f"  {name:<11} {gpu.peak_flops / 1e12:6.0f} TFLOP/s bf16  {gpu.memory_bandwidth / 1e9:5.0f} GB/s  "
               f"{gpu.memory_bytes / 2**30:5.1f} GiB")
-    print("models:          " + ", ".join(MODELS.names()) + " (append -tpN for tensor parallelism)")
+    print("models:              " + ", ".join(MODELS.names()) + " (append -tpN for tensor parallelism)")
     for title, registry in catalog().items():
-        print(f"{title + ':':<17}" + ", ".join(registry._listing()))
-    print("latency models:  " + ", ".join(LATENCY_MODELS.names()))
+        print(f"{title + ':':<21}" + ", ".join(registry.listing()))
+    print("latency models:      " + ", ".join(LATENCY_MODELS.names()))
 
 
 def run_simulate(args: argparse.Namespace) -> int:
