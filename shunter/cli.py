@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "shunter.sim.cli",
     "shunter.profiling.cli",
     "shunter.bench.cli",
+    "shunter.experiment.cli",
 ]
 
 # What `pip install 'shunter[model]'` adds to the torch-free core (pyproject's `model` extra).

@@ -62,6 +62,14 @@ def llumnix_bundle() -> PolicyConfig:
                         migration_policy=MigrationPolicyConfig(selection="shortest", move_waiting=False))
 
 
+@BUNDLES.register("shunter")
+def shunter_bundle() -> PolicyConfig:
+    """Shunter's own: dispatch by predicted TTFT among instances with KV room to grow (`shunter`
+    dispatch), and Llumnix's migration to relieve instances running out of blocks."""
+    return PolicyConfig(dispatch="shunter", migration="llumnix",
+                        migration_policy=MigrationPolicyConfig(selection="shortest", move_waiting=False))
+
+
 def build_policy(bundle: str | None = None, **overrides) -> PolicyConfig:
     """The bundle's PolicyConfig (default: `infaas`) with the non-None `overrides` applied.
 

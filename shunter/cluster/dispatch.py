@@ -40,6 +40,8 @@ class DispatchContext:
     imbalance_threshold: the `prefix` policy ignores cache affinity when the
         most and least loaded instances differ by more than this (in
         requests running + waiting), as the SGLang router does.
+    memory_reserve: the `shunter` policy keeps this fraction of an instance's
+        KV capacity for the growth of its running requests.
     """
 
     num_dispatched: int = 0
@@ -48,6 +50,7 @@ class DispatchContext:
     prefill_seconds: Callable[[int], float] | None = None
     prefix: PrefixIndex | None = None
     imbalance_threshold: int = 32
+    memory_reserve: float = 0.2
 
 
 DispatchPolicy = Callable[[Sequence[LoadReport], Request, DispatchContext], int]
@@ -150,6 +153,24 @@ def slo_aware(reports: Sequence[LoadReport], request: Request, ctx: DispatchCont
         if meeting[choice] != float("inf"):
             return choice
     return argmin(ttfts)
+
+
+@DISPATCH.register("shunter")
+def ttft_within_memory(reports: Sequence[LoadReport], request: Request, ctx: DispatchContext) -> int:
+    """Shunter's: the smallest predicted TTFT among instances whose KV demand, this request included,
+    leaves `ctx.memory_reserve` of their capacity free for the running requests to grow; when none
+    does, the smallest KV demand (INFaaS++). Time-to-first-token is prefill queueing, which KV demand
+    alone misses (a long prompt costs more prefill than its blocks suggest); memory-blind TTFT
+    ranking alone piles decodes up until they preempt each other."""
+    blocks = request.num_tokens / (reports[0].block_size or 1)
+    best, best_ttft = -1, float("inf")
+    for i, r in enumerate(reports):
+        demand = (r.num_used_blocks + r.waiting_block_demand + blocks + ctx.load.headroom(r)) / r.num_total_blocks
+        if demand <= 1.0 - ctx.memory_reserve:
+            t = predicted_ttft(r, request.num_tokens, ctx)
+            if t < best_ttft:
+                best, best_ttft = i, t
+    return best if best >= 0 else infaas(reports, request, ctx)
 
 
 def predicted_ttft(report: LoadReport, num_prompt_tokens: int, ctx: DispatchContext) -> float:

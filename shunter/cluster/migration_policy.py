@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from shunter.cluster.load import LoadConfig, freeness
+from shunter.cluster.load import INF, LoadConfig, freeness
 from shunter.engine import LoadReport
 from shunter.engine.scheduler import MigrationCandidate
 from shunter.registry import Registry
@@ -33,6 +33,8 @@ class MigrationPolicyConfig:
     max_per_instance: most migrations in flight per instance (as source or destination).
     selection: which request a source sends (`MIGRATION_SELECTION`).
     move_waiting: also move waiting and preempted requests (no KV to copy).
+    balance_margin: the `balance` policy moves load from instances whose KV
+        demand exceeds the mean by this fraction of capacity to those below it by as much.
     """
 
     src_freeness: float = 8.0
@@ -40,6 +42,7 @@ class MigrationPolicyConfig:
     max_per_instance: int = 1
     selection: str = "shortest"
     move_waiting: bool = True
+    balance_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.dst_freeness >= self.src_freeness:
@@ -91,6 +94,32 @@ def llumnix_pairing(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig,
              if free_slots[i] and not x.is_draining and i not in is_source and f[i] > cfg.dst_freeness]
     sources.sort(key=lambda i: (f[i], i))
     dests.sort(key=lambda i: (-f[i], i))
+    return list(zip(sources, dests))
+
+
+@MIGRATION.register("balance")
+def balance_pairing(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig,
+                    load: LoadConfig) -> list[tuple[int, int]]:
+    """Shunter's: keep every instance's KV demand near the cluster mean.
+
+    Demand = (used blocks + every waiting request's blocks + priority headroom)
+    / capacity: unlike freeness it sees the whole queue, and it does not wait
+    for an instance to run nearly out of blocks. Sources: demand above the mean
+    by more than `balance_margin` (or draining); destinations: below the mean
+    by more than the margin. Highest demand pairs with lowest.
+    """
+    d = [INF if x.is_draining else (x.report.num_used_blocks + x.report.waiting_block_demand
+                                    + load.headroom(x.report)) / x.report.num_total_blocks for x in loads]
+    live = [v for v in d if v != INF]
+    if not live:
+        return []
+    mean = sum(live) / len(live)
+    margin = cfg.balance_margin
+    free_slots = [x.num_migrations < cfg.max_per_instance for x in loads]
+    sources = [i for i, x in enumerate(loads) if free_slots[i] and _has_movable(x) and d[i] > mean + margin]
+    dests = [i for i, x in enumerate(loads) if free_slots[i] and not x.is_draining and d[i] < mean - margin]
+    sources.sort(key=lambda i: (-d[i], i))
+    dests.sort(key=lambda i: (d[i], i))
     return list(zip(sources, dests))
 
 

@@ -1,0 +1,1 @@
+"""Reproducible experiments over the simulator (`shunter experiment NAME`)."""
