@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 INF = math.inf
 
-# Llumnix's thresholds (OSDI'24 §6.6): keep the cluster's freeness within [10, 60] decode steps.
+# Keep the cluster's freeness within a band of decode steps, as Llumnix's auto-scaling does; these
+# defaults are a starting point, not tuned here.
 DEFAULT_SCALE_UP_FREENESS = 10.0
 DEFAULT_SCALE_DOWN_FREENESS = 60.0
 DEFAULT_SUSTAIN = 10.0  # seconds a signal must hold before the policy acts
