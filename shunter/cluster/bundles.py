@@ -13,6 +13,7 @@ from typing import Callable
 from shunter.cluster.dispatch import DISPATCH
 from shunter.cluster.load import LoadConfig
 from shunter.cluster.migration_policy import MIGRATION, MigrationPolicyConfig
+from shunter.cluster.scaling import ScalingConfig
 from shunter.registry import Registry
 
 
@@ -24,12 +25,14 @@ class PolicyConfig:
     migration: migration pairing policy name (`MIGRATION`); "none" never migrates.
     migration_policy: its thresholds and request selection.
     load: how virtual usage counts priorities (freeness).
+    scaling: autoscaling bounds and thresholds; None: a fixed number of instances.
     """
 
     dispatch: str = "infaas"
     migration: str = "none"
     migration_policy: MigrationPolicyConfig = field(default_factory=MigrationPolicyConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
+    scaling: ScalingConfig | None = None
 
     def __post_init__(self) -> None:
         self.dispatch = DISPATCH.canonical(self.dispatch)
@@ -73,7 +76,7 @@ def shunter_bundle() -> PolicyConfig:
 def build_policy(bundle: str | None = None, **overrides) -> PolicyConfig:
     """The bundle's PolicyConfig (default: `infaas`) with the non-None `overrides` applied.
 
-    Overrides name PolicyConfig fields (`dispatch`, `migration`, `load`) or
+    Overrides name PolicyConfig fields (`dispatch`, `migration`, `load`, `scaling`) or
     MigrationPolicyConfig fields (`src_freeness`, `selection`, ...).
     """
     config = BUNDLES.get(bundle or "infaas")()

@@ -6,7 +6,8 @@ the control interval (`update_reports`); between reports, the dispatcher adds
 what it dispatched itself to the last report of each instance, as a real
 cluster must. Each control tick (`control_step`) pairs instances for migration
 and returns the orders for the driver to start through the migration
-coordinator.
+coordinator. Each scaling decision (`scaling_step`) reads the same view and
+returns the instances to add or the one to drain, for the driver to carry out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shunter.cluster.bundles import PolicyConfig
 from shunter.cluster.dispatch import DISPATCH, DispatchContext
 from shunter.cluster.instance import Instance
 from shunter.cluster.migration_policy import MIGRATION, MIGRATION_SELECTION, InstanceLoad
+from shunter.cluster.scaling import SCALING, ClusterView, ScalingAction, ScalingState
 from shunter.engine import LoadReport
 from shunter.engine.block_manager import cdiv
 from shunter.request import Request
@@ -43,6 +45,8 @@ class GlobalScheduler:
         self.dispatch_policy = DISPATCH.get(self.policy.dispatch)
         self.pairing_policy = MIGRATION.get(self.policy.migration)
         self.selection_policy = MIGRATION_SELECTION.get(self.policy.migration_policy.selection)
+        self.scaling_policy = SCALING.get(self.policy.scaling.policy) if self.policy.scaling is not None else None
+        self.scaling_state = ScalingState()
         self.ctx = DispatchContext(rng=random.Random(seed), load=self.policy.load, prefill_seconds=prefill_seconds)
         self.instances: list[Instance] = []
         self.draining: set[str] = set()
@@ -150,3 +154,18 @@ class GlobalScheduler:
             if choice is not None:
                 orders.append(MigrationOrder(choice.request_id, source.instance_id, self.instances[dst].instance_id))
         return orders
+
+    def scaling_step(self, now: float, num_starting: int = 0) -> ScalingAction:
+        """One autoscaling decision over the current view (`views`, `draining`): what to add or drain.
+
+        `num_starting` is how many instances the driver has started that are
+        not up yet (not added here). The driver carries the action out: it
+        starts `num_add` instances and `add_instance`s each once it is up,
+        and `drain`s `drain_id`, then `remove_instance`s it once it holds no
+        request and no migration. No scaling configured: always a no-op.
+        """
+        if self.scaling_policy is None:
+            return ScalingAction()
+        view = ClusterView([self.views[i.instance_id] for i in self.instances],
+                           [i.instance_id in self.draining for i in self.instances], num_starting, now)
+        return self.scaling_policy(view, self.policy.scaling, self.policy.load, self.scaling_state)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from shunter.engine import LoadReport
+if TYPE_CHECKING:  # annotations only: the CLI reads scaling defaults without importing the engine
+    from shunter.engine import LoadReport
 
 INF = math.inf
 

@@ -2,6 +2,7 @@
 
     shunter simulate --trace azure2023_conv --instances 4 --hardware a100-80gb --model llama-2-7b \\
         --policy llumnix --duration 600 --json out.json --plot out.png
+    shunter simulate --trace azure2023_code --hardware a10 --policy llumnix --autoscale 1:16
     shunter simulate --list
 
 Heavy imports (numpy, the simulator) happen inside the handler so `shunter --help` stays instant.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shunter.cluster.scaling import DEFAULT_SCALE_DOWN_FREENESS, DEFAULT_SCALE_UP_FREENESS, DEFAULT_STARTUP_DELAY
 from shunter.errors import one_line_error
 
 DEFAULT_HARDWARE = "a100-80gb"
@@ -45,7 +47,8 @@ def register(subparsers) -> None:
     w.add_argument("--ttft-slo", type=float, default=None, help="time-to-first-token objective, seconds")
     w.add_argument("--tpot-slo", type=float, default=None, help="time-per-output-token objective, seconds")
     c = p.add_argument_group("cluster")
-    c.add_argument("--instances", type=int, default=1, help="number of instances")
+    c.add_argument("--instances", type=int, default=None,
+                   help="number of instances (default 1; with --autoscale, at the start, default MIN)")
     c.add_argument("--hardware", default=None, help=f"GPU of each instance (roofline; default {DEFAULT_HARDWARE})")
     c.add_argument("--model", default=None,
                    help=f"model, optionally with -tpN (default {DEFAULT_MODEL}; profiled: the profile's model)")
@@ -64,6 +67,17 @@ def register(subparsers) -> None:
                      help="seconds between load reports / migration decisions (0: the dispatcher reads exact "
                           "load at every arrival and no migration policy runs)")
     pol.add_argument("--link", default=None, help="link that migrations copy KV over (default eth-100g)")
+    sc = p.add_argument_group("autoscaling (the cluster's freeness: decode steps left per request, memory pooled)")
+    sc.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                    help="add and drain instances, keeping between MIN and MAX (default: a fixed --instances)")
+    sc.add_argument("--scale-up-freeness", type=float, default=None,
+                    help=f"add instances when the freeness stays below this (default {DEFAULT_SCALE_UP_FREENESS:g})")
+    sc.add_argument("--scale-down-freeness", type=float, default=None,
+                    help=f"drain one when the freeness without it stays above this "
+                         f"(default {DEFAULT_SCALE_DOWN_FREENESS:g})")
+    sc.add_argument("--startup-delay", type=float, default=None,
+                    help=f"seconds from ordering an instance until it serves, paid for meanwhile "
+                         f"(default {DEFAULT_STARTUP_DELAY:g})")
     c.add_argument("--latency-model", default="roofline", help="how step durations are predicted")
     c.add_argument("--profile", default=None, help="profile JSON for --latency-model profiled")
     c.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
@@ -126,8 +140,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     from shunter.sim.simulator import simulate as simulate_once
     from shunter.sim.workloads import WorkloadSpec, load_workload_with_clipping
 
-    if args.instances < 1:
+    if args.instances is not None and args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
+    scaling = scaling_config(args)
+    num_instances = args.instances or (scaling.min_instances if scaling else 1)
+    if args.goodput and scaling is not None:
+        raise ValueError("--goodput rates a fixed number of GPUs; drop --autoscale")
     if args.control_interval < 0:
         raise ValueError(f"--control-interval must be >= 0 seconds, got {args.control_interval}")
     if args.priority_headroom < 0:
@@ -135,7 +153,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration, selection=args.selection,
                           src_freeness=args.src_freeness, dst_freeness=args.dst_freeness,
                           max_per_instance=args.max_migrations_per_instance,
-                          load=LoadConfig({1: args.priority_headroom}) if args.priority_headroom else None)
+                          load=LoadConfig({1: args.priority_headroom}) if args.priority_headroom else None,
+                          scaling=scaling)
     link = args.link or DEFAULT_LINK
     bandwidth = LINKS.get(link)
     LATENCY_MODELS.get(args.latency_model)
@@ -166,7 +185,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                                 max_model_len=max_model_len)
     span = workload[-1].arrival_time - workload[0].arrival_time
     config = SimConfig(
-        num_instances=args.instances, scheduler=scheduler, policy=policy,
+        num_instances=num_instances, scheduler=scheduler, policy=policy,
         fast_path=not args.no_fast_path, debug=args.debug,
         control_interval=args.control_interval or None,
         load_sample_interval=max(span / 300, 0.01) if args.plot_path else None,
@@ -204,7 +223,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             return slo_attainment(r.records, len(r.rejected) + len(r.unfinished)) or 0.0
 
         scale, tried = search_goodput(attainment_at)
-        num_gpus = args.instances * config.gpus_per_instance
+        num_gpus = num_instances * config.gpus_per_instance
         goodput = {"rate": base_rate * scale, "rate_per_gpu": base_rate * scale / num_gpus, "rate_scale": scale,
                    "slo_attainment": dict(tried).get(scale),
                    "searched": [{"rate_scale": s, "rate": base_rate * s, "slo_attainment": a} for s, a in tried]}
@@ -213,7 +232,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "trace": args.trace, "start": args.start, "duration": args.duration, "rate_scale": args.rate_scale,
         "rate": args.rate, "max_requests": args.max_requests, "seed": args.seed,
         "priority_fraction": args.priority_fraction, "ttft_slo": args.ttft_slo, "tpot_slo": args.tpot_slo,
-        "instances": args.instances, "hardware": hardware if args.latency_model == "roofline" else None,
+        "instances": num_instances, "autoscale": args.autoscale, "hardware": hardware if args.latency_model == "roofline" else None,
         "model": model.name if model else None, "policy": args.policy, "policies": policy.to_json(),
         "control_interval": args.control_interval, "link": link,
         "latency_model": latency.describe(),
@@ -232,6 +251,38 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.plot_path:
         plot_report(result, args.plot_path)
     return 0
+
+
+def scaling_config(args: argparse.Namespace):
+    """The `ScalingConfig` of `--autoscale MIN:MAX` and its flags (None without it); ValueError naming a bad value."""
+    from shunter.cluster.scaling import ScalingConfig
+
+    flags = {"--scale-up-freeness": args.scale_up_freeness, "--scale-down-freeness": args.scale_down_freeness,
+             "--startup-delay": args.startup_delay}
+    if args.autoscale is None:
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs --autoscale MIN:MAX")
+        return None
+    parts = args.autoscale.split(":")
+    try:
+        low, high = (int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"--autoscale takes MIN:MAX, two whole numbers, got {args.autoscale!r}") from None
+    if low < 1:
+        raise ValueError(f"--autoscale {args.autoscale}: MIN must be at least 1")
+    if low > high:
+        raise ValueError(f"--autoscale {args.autoscale}: MIN must not exceed MAX")
+    if args.instances is not None and not low <= args.instances <= high:
+        raise ValueError(f"--instances {args.instances} lies outside --autoscale {args.autoscale}")
+    if args.startup_delay is not None and not args.startup_delay >= 0:
+        raise ValueError(f"--startup-delay must be >= 0 seconds, got {args.startup_delay}")
+    up = DEFAULT_SCALE_UP_FREENESS if args.scale_up_freeness is None else args.scale_up_freeness
+    down = DEFAULT_SCALE_DOWN_FREENESS if args.scale_down_freeness is None else args.scale_down_freeness
+    if not down > up:
+        raise ValueError(f"--scale-down-freeness ({down:g}) must exceed --scale-up-freeness ({up:g})")
+    return ScalingConfig(min_instances=low, max_instances=high, scale_up_freeness=up, scale_down_freeness=down,
+                         startup_delay=DEFAULT_STARTUP_DELAY if args.startup_delay is None else args.startup_delay)
 
 
 def _catalog_model(name: object):

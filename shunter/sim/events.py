@@ -5,8 +5,8 @@ the explicit key (time, kind priority, sequence number). Sequence numbers come
 from an injected counter, so two runs push and pop in the same order.
 
 Kind priorities at equal times: a step that ends at t is applied before
-anything else happens at t; cluster events (migration stages, arrivals,
-control ticks, scaling) come next; a step that starts at t starts last, so it
+anything else happens at t; cluster events (migration stages, instances
+coming up, arrivals, control ticks, scaling) come next; a step that starts at t starts last, so it
 sees every request that arrived at t.
 
 Instance-local events (`StepStart`, `StepEnd`) exist only on the step-by-step
@@ -90,6 +90,20 @@ class MigrationCommit(Event):
         self.migration = migration
 
 
+class InstanceReady(Event):
+    """An instance started by the autoscaler is up: it joins dispatch.
+
+    Before arrivals at the same time, so a request arriving then can go to it.
+    """
+
+    __slots__ = ("instance",)
+    kind = 2
+
+    def __init__(self, time: float, instance: SimInstance) -> None:
+        super().__init__(time)
+        self.instance = instance
+
+
 class Arrival(Event):
     """The workload's request number `index` arrives and is dispatched."""
 
@@ -109,7 +123,7 @@ class ControlTick(Event):
 
 
 class ScalingDecision(Event):
-    """The autoscaler may add or drain instances (a hook; no scaling policy yet)."""
+    """The autoscaler decides: add instances (each joins at its `InstanceReady`), drain one, or nothing."""
 
     __slots__ = ()
     kind = 5

@@ -13,11 +13,17 @@ JSON schema (every latency in seconds, each summary {mean, p50, p90, p99}):
     migrations          int    committed live migrations
     migrations_aborted  int
     migration_downtime  summary | null
-    instance_seconds    float  instances x makespan (cost)
+    instance_seconds    float  Σ over instances of the seconds each was paid for, from its order (start-up
+                               included) to its stop or the run's end (cost); fixed size: instances x makespan
     gpu_seconds         float  instance_seconds x GPUs per instance
     makespan            float  first arrival -> last finish
     throughput          {requests_per_s, output_tokens_per_s}
-    instances           [{id, requests, steps, busy_fraction}]
+    instances           [{id, requests, steps, busy_fraction, start, ready, drain, stop, seconds}]
+                        every instance the run had; start: ordered, ready: joined dispatch, drain: drained,
+                        stop: stopped (null: never / still up at the end); busy_fraction of its own seconds
+    scaling             null (a fixed size) | {actions: [{time, add, drain, freeness}],
+                        timeline: [[time, provisioned, serving], ...] where the counts change,
+                        mean_instances: instance_seconds / makespan}
     goodput             null | {rate, rate_per_gpu, rate_scale, slo_attainment, searched: [...]}
     config              what was simulated; config.clipping: what max_model_len cut off the workload
                         {max_model_len, num_prompts_clipped, num_prompt_tokens_clipped, num_outputs_clipped,
@@ -34,6 +40,10 @@ from typing import Callable, Sequence
 from shunter.sim.metrics import GOODPUT_ATTAINMENT, slo_attainment, summarize
 from shunter.sim.simulator import SimResult
 from shunter.sim.workloads import WorkloadRequest
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no infinity
 
 
 def build_report(result: SimResult, num_requests: int, *, config: dict | None = None,
@@ -69,11 +79,8 @@ def build_report(result: SimResult, num_requests: int, *, config: dict | None = 
             "requests_per_s": len(records) / makespan if makespan > 0 else None,
             "output_tokens_per_s": output_tokens / makespan if makespan > 0 else None,
         },
-        "instances": [
-            {"id": iid, "requests": per_instance_requests.get(iid, 0), "steps": result.instance_num_steps[iid],
-             "busy_fraction": result.instance_busy_time[iid] / makespan if makespan > 0 else None}
-            for iid in result.instance_ids
-        ],
+        "instances": [_instance_json(result, iid, per_instance_requests.get(iid, 0)) for iid in result.instance_ids],
+        "scaling": _scaling_json(result) if result.autoscaling else None,
         "goodput": goodput,
         "config": config or {},
         "simulation": {
@@ -83,6 +90,25 @@ def build_report(result: SimResult, num_requests: int, *, config: dict | None = 
         },
     }
     return report
+
+
+def _instance_json(result: SimResult, iid: str, num_requests: int) -> dict:
+    span = result.instance_spans.get(iid)
+    seconds = span.seconds(result.end_time) if span is not None else result.makespan
+    out = {"id": iid, "requests": num_requests, "steps": result.instance_num_steps[iid],
+           "busy_fraction": result.instance_busy_time[iid] / seconds if seconds > 0 else None}
+    if span is not None:
+        out.update(start=span.start, ready=span.ready, drain=span.drain, stop=span.stop, seconds=seconds)
+    return out
+
+
+def _scaling_json(result: SimResult) -> dict:
+    return {
+        "actions": [{"time": t, "add": a.num_add, "drain": a.drain_id, "freeness": _finite(a.freeness)}
+                    for t, a in result.scaling_actions],
+        "timeline": [list(point) for point in result.instance_timeline()],
+        "mean_instances": result.instance_seconds / result.makespan if result.makespan > 0 else None,
+    }
 
 
 def format_summary(report: dict) -> str:
@@ -102,6 +128,14 @@ def format_summary(report: dict) -> str:
     lines.append(f"preemptions {report['preemptions']} ({report['preemption_loss_tokens']} tokens recomputed), "
                  f"migrations {report['migrations']}, instance-seconds {report['instance_seconds']:.1f}, "
                  f"makespan {report['makespan']:.1f} s")
+    if report.get("scaling"):
+        sc = report["scaling"]
+        added = sum(a["add"] for a in sc["actions"])
+        drained = sum(1 for a in sc["actions"] if a["drain"] is not None)
+        counts = [p[1] for p in sc["timeline"]]
+        mean = f"{sc['mean_instances']:.2f}" if sc["mean_instances"] is not None else "-"
+        lines.append(f"autoscaling: {added} instances added, {drained} drained; "
+                     f"{min(counts, default=0)}..{max(counts, default=0)} provisioned, {mean} on average")
     if report.get("goodput"):
         g = report["goodput"]
         lines.append(f"goodput {g['rate']:.3f} req/s ({g['rate_per_gpu']:.3f} per GPU) at "
@@ -164,14 +198,16 @@ def search_goodput(attainment_at: Callable[[float], float], *, target: float = G
 
 # ---- plots ------------------------------------------------------------------------------------------
 def plot_report(result: SimResult, path: str) -> None:
-    """Latency CDFs (TTFT, TPOT, E2E) and per-instance load over time, to an image file."""
+    """Latency CDFs (TTFT, TPOT, E2E), per-instance load over time and, for an autoscaled run, the number
+    of instances over time, to an image file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    rows = 3 if result.autoscaling else 2
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows))
     series = {
         "TTFT (s)": [r.ttft for r in result.records],
         "TPOT (s)": [t for r in result.records if (t := r.tpot) is not None],
@@ -196,6 +232,19 @@ def plot_report(result: SimResult, path: str) -> None:
         ax.grid(alpha=0.3)
     if len(result.instance_ids) <= 8:
         axes[1][0].legend(fontsize=7)
+    if result.autoscaling:
+        for ax in axes[2]:
+            ax.remove()
+        ax = fig.add_subplot(axes[0][0].get_gridspec()[2, :])
+        timeline = result.instance_timeline()
+        times = [t for t, _, _ in timeline] + [result.end_time]
+        for index, label in ((1, "provisioned (paid for)"), (2, "serving")) if timeline else ():
+            counts = [point[index] for point in timeline]
+            ax.step(times, counts + counts[-1:], where="post", label=label)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("instances")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.suptitle(f"{len(result.records)} requests on {len(result.instance_ids)} instances")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

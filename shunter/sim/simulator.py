@@ -21,6 +21,17 @@ follow-on events. Two ways to drive the instances, with identical results:
   ended (`_end_decode_run`), which brings every request object up to date.
 
 `debug=True` calls `check_invariants()` on the engine after every step.
+
+Autoscaling (`PolicyConfig.scaling`): at each `ScalingDecision` the global
+scheduler's `scaling_step` says what to do. A new instance gets the next id
+and is paid for from that moment; it joins dispatch at its `InstanceReady`,
+`startup_delay` later. A drained instance takes no new work; the migration
+policy moves its requests away (Llumnix pairing treats it as infinitely
+used), and with migration "none" its requests simply finish there, since
+nothing new arrives — no request is ever moved by a policy that says never.
+Once it holds no request, runs no step and has no migration in flight, it
+stops: it leaves the global scheduler and stops costing. Instances that
+stopped stay in `instances` (their engines can be inspected).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from shunter.cluster.bundles import PolicyConfig
 from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
 from shunter.cluster.instance import InProcessInstance
 from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
+from shunter.cluster.scaling import ScalingAction
 from shunter.config import SchedulerConfig
 from shunter.engine import InstanceEngine, SchedulerOutput
 from shunter.request import Request, RequestStatus, SamplingParams
@@ -42,6 +54,7 @@ from shunter.sim.events import (
     ControlTick,
     Event,
     EventQueue,
+    InstanceReady,
     MigrationCommit,
     MigrationOrderEvent,
     MigrationStage,
@@ -73,7 +86,7 @@ class SimConfig:
     load_sample_interval: seconds between the load samples kept for the report's
         plot (taken at control ticks); None: none kept.
     migration: how migrations run and what copies cost.
-    scaling_interval: seconds between autoscaling decisions (a hook); None: none.
+    (Autoscaling is `policy.scaling`; the run starts with `num_instances`, within its bounds.)
     gpus_per_instance: GPUs one instance occupies (tensor parallelism), for GPU-seconds.
     """
 
@@ -84,7 +97,6 @@ class SimConfig:
     debug: bool = False
     control_interval: float | None = 0.05
     load_sample_interval: float | None = None
-    scaling_interval: float | None = None
     gpus_per_instance: int = 1
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     seed: int = 0
@@ -92,10 +104,12 @@ class SimConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.num_instances, int) or isinstance(self.num_instances, bool) or self.num_instances < 1:
             raise ValueError(f"the number of instances must be a positive integer, got {self.num_instances!r}")
-        for name in ("control_interval", "scaling_interval"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
+        if self.control_interval is not None and not self.control_interval > 0:
+            raise ValueError(f"control_interval must be > 0 or None, got {self.control_interval!r}")
+        scaling = self.policy.scaling
+        if scaling is not None and not scaling.contains(self.num_instances):
+            raise ValueError(f"the run starts with {self.num_instances} instances, outside the autoscaling range "
+                             f"{scaling.min_instances}..{scaling.max_instances}")
         if self.gpus_per_instance < 1:
             raise ValueError(f"gpus_per_instance must be >= 1, got {self.gpus_per_instance!r}")
 
@@ -108,6 +122,27 @@ class LoadSample:
     num_used_blocks: int
     num_running: int
     num_waiting: int
+
+
+@dataclass
+class InstanceSpan:
+    """One instance's life in a run, in seconds of virtual time.
+
+    start: ordered (paid for from here; the run's start for the initial instances).
+    ready: joined dispatch (None: never, the run ended first).
+    drain: drained (None: never).
+    stop: stopped, empty (None: still up when the run ended).
+    """
+
+    start: float
+    ready: float | None = None
+    drain: float | None = None
+    stop: float | None = None
+
+    def seconds(self, end: float) -> float:
+        """Seconds paid for within a run that ends at `end`."""
+        stop = end if self.stop is None else min(self.stop, end)
+        return max(0.0, stop - min(self.start, end))
 
 
 @dataclass
@@ -128,6 +163,9 @@ class SimResult:
     gpus_per_instance: int = 1
     num_events: int = 0
     prefix_caching: bool = True  # whether the instances cached prefixes (effective, after "auto")
+    instance_spans: dict[str, InstanceSpan] = field(default_factory=dict)
+    autoscaling: bool = False  # whether the run scaled (`PolicyConfig.scaling`)
+    scaling_actions: list[tuple[float, ScalingAction]] = field(default_factory=list)  # (time, action) taken
 
     @property
     def makespan(self) -> float:
@@ -135,7 +173,33 @@ class SimResult:
 
     @property
     def instance_seconds(self) -> float:
-        return len(self.instance_ids) * self.makespan
+        """Σ over instances of the time each was paid for: from its order (start-up included) to its stop
+        or the run's end. A fixed-size run: instances × makespan."""
+        if not self.instance_spans:
+            return len(self.instance_ids) * self.makespan
+        return sum(span.seconds(self.end_time) for span in self.instance_spans.values())
+
+    def instance_timeline(self) -> list[tuple[float, int, int]]:
+        """(time, provisioned, serving) wherever the number of instances changes, up to the run's end.
+
+        Provisioned: ordered and not stopped (what is paid for); serving: up and not draining.
+        """
+        changes: dict[float, list[int]] = {}
+        for span in self.instance_spans.values():
+            leaves = span.drain if span.drain is not None else span.stop
+            for time, d_provisioned, d_serving in ((span.start, 1, 0), (span.stop, -1, 0), (span.ready, 0, 1),
+                                                   (leaves if span.ready is not None else None, 0, -1)):
+                if time is not None and time <= self.end_time:
+                    change = changes.setdefault(max(time, self.start_time), [0, 0])
+                    change[0] += d_provisioned
+                    change[1] += d_serving
+        timeline, provisioned, serving = [], 0, 0
+        for time in sorted(changes):
+            provisioned += changes[time][0]
+            serving += changes[time][1]
+            if not timeline or timeline[-1][1:] != (provisioned, serving):
+                timeline.append((time, provisioned, serving))
+        return timeline
 
 
 class SimInstance:
@@ -160,6 +224,9 @@ class SimInstance:
         self.force_slow_step = False
         self.decode_run = None  # a suspended `Scheduler.decode_steps` coroutine
         self.num_steps_reported = 0  # of the decode run, already added to engine.num_steps
+        # Autoscaling: when it was ordered, came up, was drained, stopped.
+        self.span = InstanceSpan(0.0, ready=0.0)
+        self.is_draining = False
 
     def __repr__(self) -> str:
         return f"SimInstance({self.instance_id!r})"
@@ -196,6 +263,8 @@ class Simulator:
         self.load_samples: dict[str, list[LoadSample]] = {inst.instance_id: [] for inst in self.instances}
         self.num_events = 0
         self.num_preemptions = 0
+        self.scaling_actions: list[tuple[float, ScalingAction]] = []
+        self._num_starting = 0  # instances ordered, not up yet
         self._next_arrival = 0
         self._has_run = False
         # For prefix caching "auto" (see `simulate`): give up as soon as caching could change the result.
@@ -207,7 +276,8 @@ class Simulator:
         """Order a migration of `request_id` from instance `src_id` to `dst_id` at `time`.
 
         ValueError now for unknown or identical instances; at `time`, an order the
-        coordinator refuses (the request is already migrating) lands in `refused_orders`,
+        coordinator refuses (the request is already migrating) or one naming an instance
+        that is not up then (starting or stopped by the autoscaler) lands in `refused_orders`,
         and one whose request is not there then is recorded as an aborted migration.
         """
         if src_id == dst_id:
@@ -222,11 +292,13 @@ class Simulator:
             raise RuntimeError("a Simulator runs once; build a new one")
         self._has_run = True
         start = self.workload[0].arrival_time if self.workload else 0.0
+        for inst in self.instances:
+            inst.span = InstanceSpan(start, ready=start)
         self._push_next_arrival()
         if self.config.control_interval is not None:
             self.queue.push(ControlTick(start))
-        if self.config.scaling_interval is not None:
-            self.queue.push(ScalingDecision(start + self.config.scaling_interval))
+        if self.config.policy.scaling is not None:
+            self.queue.push(ScalingDecision(start + self.config.policy.scaling.interval))
         queue = self.queue
         while queue:
             event = queue.pop()
@@ -258,6 +330,8 @@ class Simulator:
             self._on_control_tick(event.time)
         elif kind is ScalingDecision:
             self._on_scaling_decision(event.time)
+        elif kind is InstanceReady:
+            self._on_instance_ready(event.instance, event.time)
         else:
             raise TypeError(f"unknown event {event!r}")
 
@@ -323,12 +397,59 @@ class Simulator:
     def _tick_origin(self) -> float:
         return self.workload[0].arrival_time if self.workload else 0.0
 
+    # ---- autoscaling: instances come and go ------------------------------------------------
     def _on_scaling_decision(self, now: float) -> None:
-        delta = self.global_scheduler.scaling_decision(self.global_scheduler.load_reports(now), now)
-        if delta:
-            raise NotImplementedError("autoscaling is not implemented in the simulator yet")
+        gs = self.global_scheduler
+        scaling = gs.policy.scaling
+        if self.config.control_interval is None:  # no control ticks refresh the view
+            gs.collect_reports(now)
+        action = gs.scaling_step(now, self._num_starting)
+        if not action.is_noop:
+            self.scaling_actions.append((now, action))
+            for _ in range(action.num_add):
+                self._start_instance(now, scaling.startup_delay)
+            if action.drain_id is not None:
+                self._drain(self._instance(action.drain_id), now)
         if self._has_pending_work():
-            self.queue.push(ScalingDecision(now + self.config.scaling_interval))
+            k = round((now - self._tick_origin()) / scaling.interval) + 1
+            self.queue.push(ScalingDecision(self._tick_origin() + k * scaling.interval))
+
+    def _start_instance(self, now: float, startup_delay: float) -> None:
+        """Order a new instance (the next id): paid for from now, it joins dispatch `startup_delay` later."""
+        inst = SimInstance(str(len(self.instances)), self.config.scheduler, self.latency_model, self.tracker)
+        inst.span = InstanceSpan(now)
+        self.instances.append(inst)
+        self.by_id[inst.instance_id] = inst
+        self._sim_of[id(inst.instance)] = inst
+        self.load_samples[inst.instance_id] = []
+        self._num_starting += 1
+        self.queue.push(InstanceReady(now + startup_delay, inst))
+
+    def _on_instance_ready(self, inst: SimInstance, now: float) -> None:
+        self._num_starting -= 1
+        inst.span.ready = now
+        self.global_scheduler.add_instance(inst.instance, inst.engine.load_report(now))
+
+    def _drain(self, inst: SimInstance, now: float) -> None:
+        """No new work for `inst`; it stops once empty (`_stop_if_drained`)."""
+        self.global_scheduler.drain(inst.instance_id)
+        inst.is_draining = True
+        inst.span.drain = now
+        self._stop_if_drained(inst, now)
+
+    def _stop_if_drained(self, inst: SimInstance, now: float) -> None:
+        """Stop a draining instance that holds no request, runs no step and has no migration in flight."""
+        if (not inst.is_draining or inst.is_busy or inst.engine.has_unfinished_requests
+                or self.coordinator.num_active(inst.instance_id)):
+            return
+        bm = inst.scheduler.block_manager
+        if bm.num_free_blocks != bm.num_blocks:
+            raise RuntimeError(f"instance {inst.instance_id} is empty but holds {bm.num_used_blocks} KV blocks")
+        if self.config.debug:
+            inst.engine.check_invariants()
+        self.global_scheduler.remove_instance(inst.instance_id)
+        inst.is_draining = False
+        inst.span.stop = now
 
     def _has_pending_work(self) -> bool:
         return (self._next_arrival < len(self.workload) or any(inst.is_busy for inst in self.instances)
@@ -350,6 +471,8 @@ class Simulator:
         inst.is_busy = False
         inst.next_begin = None
         inst.busy_time += now - inst.busy_since
+        if inst.is_draining:
+            self._stop_if_drained(inst, now)
 
     def _begin_step(self, inst: SimInstance, now: float):
         batch, result = inst.engine.begin_step(now)
@@ -490,6 +613,10 @@ class Simulator:
 
     def _start_migration(self, order: MigrationOrder, now: float) -> None:
         src, dst = self._instance(order.src_id), self._instance(order.dst_id)
+        for inst in (src, dst):
+            if inst.span.ready is None or inst.span.stop is not None:  # an order given ahead of time
+                self.refused_orders.append((order, f"instance {inst.instance_id} is not up"))
+                return
         try:
             migration = self.coordinator.start(order.request_id, src.instance, dst.instance, now)
         except MigrationRefused as e:
@@ -522,6 +649,8 @@ class Simulator:
         for inst in (self._sim_of[id(m.src)], self._sim_of[id(m.dst)]):
             if inst.engine.has_unfinished_requests:
                 self._wake(inst, now)
+            elif inst.is_draining:
+                self._stop_if_drained(inst, now)
 
     # ---- results -------------------------------------------------------------------------------
     def _record(self, inst: SimInstance, finished: list[Request]) -> None:
@@ -566,6 +695,9 @@ class Simulator:
             gpus_per_instance=self.config.gpus_per_instance,
             num_events=self.num_events,
             prefix_caching=self.config.scheduler.enable_prefix_caching,
+            instance_spans={inst.instance_id: inst.span for inst in self.instances},
+            autoscaling=self.config.policy.scaling is not None,
+            scaling_actions=self.scaling_actions,
         )
 
 

@@ -32,6 +32,21 @@ def random_workload(seed: int, n: int, rate: float, max_prompt: int = 300, max_o
     return out
 
 
+def bursty_workload(seed: int, num_quiet: int = 15, num_burst: int = 250, quiet_rate: float = 1.0,
+                    burst_rate: float = 80.0, num_after: int = 40) -> list[WorkloadRequest]:
+    """A quiet phase, a burst, a quiet phase (each `random_workload`, one second apart); ids a*, b*, c*."""
+    parts = (random_workload(seed, num_quiet, quiet_rate, max_prompt=200, max_output=100),
+             random_workload(seed + 1, num_burst, burst_rate, max_prompt=400, max_output=300),
+             random_workload(seed + 2, num_after, quiet_rate, max_prompt=200, max_output=100))
+    out: list[WorkloadRequest] = []
+    t0 = 0.0
+    for name, part in zip("abc", parts):
+        out += [wr(name + w.request_id, t0 + w.arrival_time, w.num_prompt_tokens, w.num_output_tokens,
+                   priority=w.priority) for w in part]
+        t0 = out[-1].arrival_time + 1.0
+    return out
+
+
 def small_scheduler(**kw) -> SchedulerConfig:
     defaults = dict(num_blocks=256, block_size=16, max_num_batched_tokens=512, max_num_seqs=32, max_model_len=2048)
     defaults.update(kw)

@@ -39,6 +39,18 @@ def _error_line(capsys, argv):
     (["--latency-model", "profiled"], "--profile"),
     (["--latency-model", "profiled", "--profile", "/nonexistent.json"], "does not exist"),
     (["--model", "llama-2-70b"], "-tpN"),
+    (["--autoscale", "4:2"], "--autoscale 4:2: MIN must not exceed MAX"),
+    (["--autoscale", "0:2"], "--autoscale 0:2: MIN must be at least 1"),
+    (["--autoscale", "one:4"], "MIN:MAX, two whole numbers, got 'one:4'"),
+    (["--autoscale", "1:2:3"], "got '1:2:3'"),
+    (["--autoscale", "2"], "got '2'"),
+    (["--autoscale", "2:4", "--instances", "5"], "--instances 5 lies outside --autoscale 2:4"),
+    (["--autoscale", "1:4", "--startup-delay", "-1"], "--startup-delay must be >= 0 seconds, got -1.0"),
+    (["--autoscale", "1:4", "--startup-delay", "nan"], "got nan"),
+    (["--autoscale", "1:4", "--scale-up-freeness", "70"], "--scale-down-freeness (60) must exceed --scale-up-freeness (70)"),
+    (["--autoscale", "1:4", "--scale-up-freeness", "x"], "invalid float value: 'x'"),
+    (["--scale-down-freeness", "90"], "--scale-down-freeness needs --autoscale MIN:MAX"),
+    (["--autoscale", "1:4", "--goodput", "--ttft-slo", "1"], "drop --autoscale"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     line = _error_line(capsys, ["simulate", *argv, "--quiet"])
@@ -49,7 +61,7 @@ def test_list_names_everything(capsys):
     assert main(["simulate", "--list"]) == 0
     out = capsys.readouterr().out
     for name in ("azure2023_conv", "mooncake_conversation", "a100-80gb", "h200", "llama-2-70b", "smollm2-135m",
-                 "round-robin", "least-load", "roofline", "profiled"):
+                 "round-robin", "least-load", "roofline", "profiled", "freeness"):
         assert name in out
 
 
@@ -133,3 +145,23 @@ def test_bench_sim_small(tmp_path, capsys):
     assert "DistServe" in quoted and "reference" in quoted and "not measured here" in quoted
     report = json.loads(out.read_text())
     assert report["requests_per_s"] > 0 and "not measured here" in report["reference_source"]
+
+
+def test_autoscale_runs_reports_scaling_and_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    argv = ["simulate", "--trace", "azure2023_code", "--max-requests", "300", "--hardware", "a10", "--policy",
+            "llumnix", "--autoscale", "1:4", "--startup-delay", "5", "--quiet"]
+    assert main([*argv, "--json", str(a)]) == 0
+    assert "autoscaling:" in capsys.readouterr().out
+    assert main([*argv, "--json", str(b), "--no-fast-path"]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    for r in (ra, rb):
+        r.pop("simulation")
+        r["config"].pop("fast_path")
+    assert ra == rb
+    assert ra["completed"] == 300 and ra["config"]["instances"] == 1 and ra["config"]["autoscale"] == "1:4"
+    assert ra["config"]["policies"]["scaling"]["startup_delay"] == 5.0
+    scaling = ra["scaling"]
+    assert any(x["add"] for x in scaling["actions"]) and scaling["timeline"][0][1:] == [1, 1]
+    assert ra["instance_seconds"] == pytest.approx(sum(i["seconds"] for i in ra["instances"]))
+    assert len(ra["instances"]) > 1 and all(i["start"] is not None for i in ra["instances"])
