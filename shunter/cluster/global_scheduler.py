@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from shunter.cluster.bundles import PolicyConfig
 from shunter.cluster.dispatch import DISPATCH, DispatchContext
 from shunter.cluster.instance import Instance
-from shunter.cluster.migration_policy import MIGRATION, MIGRATION_SELECTION, InstanceLoad
+from shunter.cluster.migration_policy import MIGRATION, MIGRATION_SELECTION, InstanceLoad, head_of_line
 from shunter.cluster.scaling import SCALING, ClusterView, ScalingAction, ScalingState
 from shunter.engine import LoadReport
 from shunter.engine.block_manager import cdiv
@@ -146,13 +146,16 @@ class GlobalScheduler:
                  for i in self.instances]
         cfg = self.policy.migration_policy
         orders = []
-        for src, dst in self.pairing_policy(loads, cfg, self.policy.load):
-            source = self.instances[src]
-            # A draining instance sends its queue away too, whatever the policy says about waiting requests.
-            move_waiting = cfg.move_waiting or loads[src].is_draining
-            choice = self.selection_policy(source.migration_candidates(), move_waiting)
+        for pair in self.pairing_policy(loads, cfg, self.policy.load):
+            source = self.instances[pair.src]
+            candidates = source.migration_candidates()
+            if pair.waiting_only:
+                choice = head_of_line(candidates)
+            else:
+                # A draining instance sends its queue away too, whatever the policy says about waiting requests.
+                choice = self.selection_policy(candidates, cfg.move_waiting or loads[pair.src].is_draining)
             if choice is not None:
-                orders.append(MigrationOrder(choice.request_id, source.instance_id, self.instances[dst].instance_id))
+                orders.append(MigrationOrder(choice.request_id, source.instance_id, self.instances[pair.dst].instance_id))
         return orders
 
     def scaling_step(self, now: float, num_starting: int = 0) -> ScalingAction:

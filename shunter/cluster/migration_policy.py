@@ -11,10 +11,11 @@ Adding a policy is one function plus its decorator line.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
-from shunter.cluster.load import INF, LoadConfig, freeness
+from shunter.cluster.load import LoadConfig, freeness
 from shunter.engine import LoadReport
 from shunter.engine.scheduler import MigrationCandidate
 from shunter.registry import Registry
@@ -33,8 +34,8 @@ class MigrationPolicyConfig:
     max_per_instance: most migrations in flight per instance (as source or destination).
     selection: which request a source sends (`MIGRATION_SELECTION`).
     move_waiting: also move waiting and preempted requests (no KV to copy).
-    balance_margin: the `balance` policy moves load from instances whose KV
-        demand exceeds the mean by this fraction of capacity to those below it by as much.
+    memory_reserve: the `shunter` policy sends a queued request only to an
+        instance that keeps this fraction of its KV capacity free after taking it.
     """
 
     src_freeness: float = 8.0
@@ -42,7 +43,7 @@ class MigrationPolicyConfig:
     max_per_instance: int = 1
     selection: str = "shortest"
     move_waiting: bool = True
-    balance_margin: float = 0.1
+    memory_reserve: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.dst_freeness >= self.src_freeness:
@@ -51,6 +52,14 @@ class MigrationPolicyConfig:
         if not isinstance(self.max_per_instance, int) or self.max_per_instance < 1:
             raise ValueError(f"max migrations per instance must be a positive integer, got {self.max_per_instance!r}")
         MIGRATION_SELECTION.get(self.selection)
+
+
+class MigrationPair(NamedTuple):
+    """Move one request from instance `src` to `dst` (indices); `waiting_only`: a queued request."""
+
+    src: int
+    dst: int
+    waiting_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +72,7 @@ class InstanceLoad:
     num_migrations: int
 
 
-PairingPolicy = Callable[[Sequence[InstanceLoad], MigrationPolicyConfig, LoadConfig], list[tuple[int, int]]]
+PairingPolicy = Callable[[Sequence[InstanceLoad], MigrationPolicyConfig, LoadConfig], list[MigrationPair]]
 SelectionPolicy = Callable[[Sequence[MigrationCandidate], bool], MigrationCandidate | None]
 
 MIGRATION: Registry[PairingPolicy] = Registry("migration policy")
@@ -71,14 +80,14 @@ MIGRATION_SELECTION: Registry[SelectionPolicy] = Registry("migration selection")
 
 
 @MIGRATION.register("none")
-def no_migration(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig, load: LoadConfig) -> list[tuple[int, int]]:
+def no_migration(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig, load: LoadConfig) -> list[MigrationPair]:
     """Never migrate."""
     return []
 
 
 @MIGRATION.register("llumnix")
 def llumnix_pairing(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig,
-                    load: LoadConfig) -> list[tuple[int, int]]:
+                    load: LoadConfig) -> list[MigrationPair]:
     """Llumnix: the least free sources paired with the freest destinations, one pair each.
 
     Sources: freeness below `src_freeness`, waiting or preempted requests (with
@@ -94,33 +103,34 @@ def llumnix_pairing(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig,
              if free_slots[i] and not x.is_draining and i not in is_source and f[i] > cfg.dst_freeness]
     sources.sort(key=lambda i: (f[i], i))
     dests.sort(key=lambda i: (-f[i], i))
-    return list(zip(sources, dests))
+    return [MigrationPair(src, dst) for src, dst in zip(sources, dests)]
 
 
-@MIGRATION.register("balance")
-def balance_pairing(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig,
-                    load: LoadConfig) -> list[tuple[int, int]]:
-    """Shunter's: keep every instance's KV demand near the cluster mean.
-
-    Demand = (used blocks + every waiting request's blocks + priority headroom)
-    / capacity: unlike freeness it sees the whole queue, and it does not wait
-    for an instance to run nearly out of blocks. Sources: demand above the mean
-    by more than `balance_margin` (or draining); destinations: below the mean
-    by more than the margin. Highest demand pairs with lowest.
+@MIGRATION.register("shunter")
+def shunter_pairing(loads: Sequence[InstanceLoad], cfg: MigrationPolicyConfig,
+                    load: LoadConfig) -> list[MigrationPair]:
+    """Shunter's: Llumnix's pairing for running requests (relieve instances running out of blocks),
+    plus re-dispatch of queued work: an instance whose head-of-line request cannot start sends it
+    to an instance with no queue that has the blocks to start it now (keeping `memory_reserve` of
+    its capacity free for growth). A queued request holds no KV, so the move is instant; no request
+    waits for memory on one instance while another could run it.
     """
-    d = [INF if x.is_draining else (x.report.num_used_blocks + x.report.waiting_block_demand
-                                    + load.headroom(x.report)) / x.report.num_total_blocks for x in loads]
-    live = [v for v in d if v != INF]
-    if not live:
-        return []
-    mean = sum(live) / len(live)
-    margin = cfg.balance_margin
-    free_slots = [x.num_migrations < cfg.max_per_instance for x in loads]
-    sources = [i for i, x in enumerate(loads) if free_slots[i] and _has_movable(x) and d[i] > mean + margin]
-    dests = [i for i, x in enumerate(loads) if free_slots[i] and not x.is_draining and d[i] < mean - margin]
-    sources.sort(key=lambda i: (-d[i], i))
-    dests.sort(key=lambda i: (d[i], i))
-    return list(zip(sources, dests))
+    pairs = llumnix_pairing(loads, dataclasses.replace(cfg, move_waiting=False), load)
+    busy = {i for p in pairs for i in (p.src, p.dst)}
+    queued = [i for i, x in enumerate(loads) if i not in busy and x.report.num_waiting > 0
+              and x.report.head_block_demand > x.report.num_free_blocks]
+    hosts = [i for i, x in enumerate(loads) if i not in busy and not x.is_draining and x.report.num_waiting == 0]
+    queued.sort(key=lambda i: (-loads[i].report.waiting_block_demand, i))
+    hosts.sort(key=lambda i: (-loads[i].report.num_free_blocks, i))
+    for src in queued:
+        need = loads[src].report.head_block_demand
+        for k, dst in enumerate(hosts):
+            r = loads[dst].report
+            if r.num_free_blocks - need >= cfg.memory_reserve * r.num_total_blocks:
+                pairs.append(MigrationPair(src, dst, waiting_only=True))
+                del hosts[k]
+                break
+    return pairs
 
 
 def _has_movable(x: InstanceLoad) -> bool:
@@ -139,6 +149,11 @@ def _select(candidates, move_waiting, key) -> MigrationCandidate | None:
     if waiting:  # no KV to copy: the cheapest move, and it cuts queueing at once (the head of line first)
         return waiting[0]
     return min(running, key=key, default=None)
+
+
+def head_of_line(candidates: Sequence[MigrationCandidate]) -> MigrationCandidate | None:
+    """The first queued normal-priority request (queued pairs of the `shunter` policy)."""
+    return next((c for c in candidates if c.is_waiting and c.priority <= NORMAL_PRIORITY), None)
 
 
 @MIGRATION_SELECTION.register("shortest")

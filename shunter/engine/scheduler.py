@@ -228,6 +228,9 @@ class Scheduler(DecodeRunsMixin):
         preempted_ids: list[str] = []
 
         running = self.running
+        if self.waiting and running and self.waiting[0].priority > running[-1].priority:
+            self._make_room_for_priority(self.waiting[0], preempted_ids)
+        num_priority_preempted = len(preempted_ids)
         # Stall-free: a running prefill (even of higher priority) leaves one token of budget
         # to every decode behind it, so a long prompt never stalls the decodes in flight.
         num_decodes_left = sum(1 for r in running if r.num_tokens - r.num_computed_tokens == 1)
@@ -255,8 +258,8 @@ class Scheduler(DecodeRunsMixin):
             budget -= num_new
             i += 1
 
-        # Admitting new work in a step that had to preempt would only thrash.
-        if not preempted_ids:
+        # Admitting new work in a step that had to preempt for growth would only thrash.
+        if len(preempted_ids) == num_priority_preempted:
             # Seats held by incoming migrations count: an import must never find the batch full.
             max_running = cfg.max_num_seqs - len(self.incoming) - len(self.suspended)
             while self.waiting and budget > 0 and len(running) < max_running:
@@ -279,6 +282,19 @@ class Scheduler(DecodeRunsMixin):
 
         finished_ids, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(scheduled, now, preempted_ids, finished_ids)
+
+    def _make_room_for_priority(self, head: Request, preempted_ids: list[str]) -> None:
+        """Preempt strictly lower-priority running requests (last first) until the waiting head's first
+        chunk fits: a high-priority request never queues behind memory held by lower priorities.
+        Runs before anything is scheduled, so no victim is in this step's batch."""
+        bm = self.block_manager
+        first_chunk = min(head.num_tokens, self.config.prefill_chunk)
+        need = cdiv(first_chunk, self.config.block_size)
+        running = self.running
+        while bm.num_free_blocks < need and running and running[-1].priority < head.priority:
+            victim = running.pop()
+            self._preempt(victim)
+            preempted_ids.append(victim.request_id)
 
     def _preempt(self, request: Request) -> None:
         # Keep the token hashes: the request comes back with the same tokens.

@@ -18,8 +18,8 @@ def loads(*reports, draining=(), busy=()):
     return [InstanceLoad(r, i in draining, 1 if i in busy else 0) for i, r in enumerate(reports)]
 
 
-def pairs(xs, cfg=CFG, load=LoadConfig()):
-    return MIGRATION.get("llumnix")(xs, cfg, load)
+def pairs(xs, cfg=CFG, load=LoadConfig(), policy="llumnix"):
+    return [(p.src, p.dst) for p in MIGRATION.get(policy)(xs, cfg, load)]
 
 
 def test_least_free_sources_pair_with_freest_destinations():

@@ -574,3 +574,37 @@ def test_scheduler_check_invariants_catches_corruption(corrupt):
     corrupt(engine.scheduler, requests)
     with pytest.raises(AssertionError):
         engine.check_invariants()
+
+
+# ---- priority preemption at admission ---------------------------------------------------------
+def test_a_high_priority_request_preempts_lower_priority_running_ones_to_start():
+    engine = make_engine(num_blocks=10, block_size=4, max_num_batched_tokens=64)
+    low = [make_request(prompt_len=15, max_tokens=20, arrival_time=float(i)) for i in range(2)]
+    for r in low:
+        engine.add_request(r)
+    step(engine)
+    assert engine.scheduler.block_manager.num_free_blocks == 2  # 4 blocks each
+    vip = make_request(prompt_len=15, max_tokens=4, priority=1, arrival_time=5.0)
+    engine.add_request(vip)
+    batch, _ = step(engine)
+    # The latest low-priority request made room; the high-priority one started in the same step.
+    assert batch.preempted_request_ids == [low[1].request_id]
+    assert vip.status is RequestStatus.RUNNING and vip.request_id in scheduled(batch)
+    assert low[0].status is RequestStatus.RUNNING and low[1].status is RequestStatus.PREEMPTED
+    out = drain(engine)
+    for r in low + [vip]:
+        assert r.output_token_ids == reference_output(r.prompt_token_ids, r.sampling_params.max_tokens)
+    assert_all_free(engine)
+    assert out
+
+
+def test_equal_priority_never_preempts_to_admit():
+    engine = make_engine(num_blocks=10, block_size=4, max_num_batched_tokens=64)
+    first = [make_request(prompt_len=15, max_tokens=20, arrival_time=float(i)) for i in range(2)]
+    for r in first:
+        engine.add_request(r)
+    step(engine)
+    late = make_request(prompt_len=15, max_tokens=4, arrival_time=5.0)
+    engine.add_request(late)
+    batch, _ = step(engine)
+    assert batch.preempted_request_ids == [] and late.status is RequestStatus.WAITING
