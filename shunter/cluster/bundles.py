@@ -68,8 +68,9 @@ def llumnix_bundle() -> PolicyConfig:
 @BUNDLES.register("shunter")
 def shunter_bundle() -> PolicyConfig:
     """Shunter's own: dispatch by predicted TTFT among instances with KV room to grow (`shunter`
-    dispatch), and Llumnix's migration to relieve instances running out of blocks."""
-    return PolicyConfig(dispatch="shunter", migration="llumnix",
+    dispatch); Llumnix's migration to relieve instances running out of blocks, plus queued requests
+    re-dispatched to instances that can start them at once (`shunter` migration)."""
+    return PolicyConfig(dispatch="shunter", migration="shunter",
                         migration_policy=MigrationPolicyConfig(selection="shortest", move_waiting=False))
 
 

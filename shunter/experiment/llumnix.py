@@ -28,6 +28,7 @@ from typing import Callable
 from shunter.cluster.bundles import PolicyConfig, build_policy
 from shunter.cluster.load import LoadConfig
 from shunter.cluster.migration import MigrationConfig
+from shunter.cluster.scaling import ScalingConfig
 from shunter.config import SchedulerConfig
 from shunter.sim.hardware import get_gpu
 from shunter.sim.latency import RooflineLatency
@@ -48,7 +49,11 @@ POLICIES = ("rr", "infaas", "llumnix", "shunter")
 SLO_SCALE = 5.0
 # A load is over capacity when its median TTFT exceeds this multiple of the unloaded median.
 OVER_CAPACITY_TTFT_FACTOR = 1.5
-HIGH_PRIORITY_HEADROOM_FRACTION = 0.3  # of an instance's KV capacity, shared by its high-priority requests
+HIGH_PRIORITY_HEADROOM_FRACTION = 0.3
+# (e) runs Azure conversation at this fraction of the load found for (a): a fixed 16 instances are then
+# over-provisioned, which is what autoscaling is for.
+AUTOSCALE_LOAD_FRACTION = 0.5
+AUTOSCALE_REQUESTS = 10_000  # of an instance's KV capacity, shared by its high-priority requests
 
 
 @dataclass(frozen=True)
@@ -244,7 +249,7 @@ def plan_size(sizes: Sizes, scenarios: tuple[Scenario, ...] = SCENARIOS) -> int:
     """Roughly how many simulations `run_experiment` makes (for a progress bar)."""
     search = 5 + sizes.search_steps
     goodput_scenarios = sum(1 for s in scenarios if s.goodput)
-    return len(scenarios) * (search + len(POLICIES)) + goodput_scenarios * (1 + 2 * sizes.goodput_runs) + 2
+    return len(scenarios) * (search + len(POLICIES)) + goodput_scenarios * (1 + 2 * sizes.goodput_runs) + 4
 
 
 def run_experiment(sizes: Sizes, seed: int = 0, tick: Callable[[], None] = lambda: None,
@@ -272,5 +277,29 @@ def run_experiment(sizes: Sizes, seed: int = 0, tick: Callable[[], None] = lambd
                                 for name in ("llumnix", "shunter")}
         out["scenarios"][scenario.key] = entry
     if "azure-conv" in out["scenarios"]:
-        out["priorities"] = priorities(testbed, out["scenarios"]["azure-conv"]["rate"], sizes, seed, tick=tick)
+        rate = out["scenarios"]["azure-conv"]["rate"]
+        out["priorities"] = priorities(testbed, rate, sizes, seed, tick=tick)
+        out["autoscaling"] = autoscaling(testbed, rate * AUTOSCALE_LOAD_FRACTION, sizes, seed, tick=tick)
     return out
+
+
+def autoscaling(testbed: Testbed, rate: float, sizes: Sizes, seed: int, policy: str = "shunter",
+                tick: Callable[[], None] = lambda: None) -> dict:
+    """(e): Azure conversation at part of its load, a fixed 16 instances vs autoscaling 1..16.
+
+    The autoscaled cluster starts at 16, as a fleet sized for the peak would, and shrinks to what the
+    load needs. These runs always replay AUTOSCALE_REQUESTS requests (even with --quick): scaling down
+    takes minutes of simulated time, which a short run would mostly spend on.
+    """
+    scenario = SCENARIOS[0]
+    workload = load_workload(scenario.spec(rate, max(sizes.num_requests, AUTOSCALE_REQUESTS), seed))
+    fixed = testbed.run(workload, bundle(policy), seed)
+    tick()
+    scaled_policy = dataclasses.replace(bundle(policy), scaling=ScalingConfig(min_instances=1,
+                                                                              max_instances=NUM_INSTANCES))
+    scaled = testbed.run(workload, scaled_policy, seed, num_instances=NUM_INSTANCES)
+    tick()
+    return {"title": scenario.title, "rate": rate, "min": 1, "max": NUM_INSTANCES, "policy": policy,
+            "scaling": dataclasses.asdict(scaled_policy.scaling),
+            "runs": {f"fixed {NUM_INSTANCES}": row(fixed, len(workload)),
+                     f"autoscaling 1..{NUM_INSTANCES}": row(scaled, len(workload))}}
