@@ -50,10 +50,13 @@ SLO_SCALE = 5.0
 # A load is over capacity when its median TTFT exceeds this multiple of the unloaded median.
 OVER_CAPACITY_TTFT_FACTOR = 1.5
 HIGH_PRIORITY_HEADROOM_FRACTION = 0.3
-# (e) runs Azure conversation at this fraction of the load found for (a): a fixed 16 instances are then
-# over-provisioned, which is what autoscaling is for.
-AUTOSCALE_LOAD_FRACTION = 0.5
-AUTOSCALE_REQUESTS = 10_000  # of an instance's KV capacity, shared by its high-priority requests
+# (e) runs Azure conversation at these fractions of the load found for (a): a fixed 16 instances are
+# then over-provisioned, which is what autoscaling is for.
+AUTOSCALE_LOAD_FRACTIONS = (0.3, 0.5, 0.7)
+AUTOSCALE_REQUESTS = 10_000
+# Scaling thresholds of (e): the best tail of four settings tried on (a) at half load (freeness up/down,
+# sustain s): 10/60/10, 20/80/10, 20/60/5, 30/90/5. The CLI's defaults are ScalingConfig's own.
+AUTOSCALE_SETTINGS = {"scale_up_freeness": 30.0, "scale_down_freeness": 90.0, "sustain": 5.0}  # of an instance's KV capacity, shared by its high-priority requests
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,7 @@ def plan_size(sizes: Sizes, scenarios: tuple[Scenario, ...] = SCENARIOS) -> int:
     """Roughly how many simulations `run_experiment` makes (for a progress bar)."""
     search = 5 + sizes.search_steps
     goodput_scenarios = sum(1 for s in scenarios if s.goodput)
-    return len(scenarios) * (search + len(POLICIES)) + goodput_scenarios * (1 + 2 * sizes.goodput_runs) + 4
+    return len(scenarios) * (search + len(POLICIES)) + goodput_scenarios * (1 + 2 * sizes.goodput_runs) + 2 + 2 * len(AUTOSCALE_LOAD_FRACTIONS)
 
 
 def run_experiment(sizes: Sizes, seed: int = 0, tick: Callable[[], None] = lambda: None,
@@ -279,7 +282,7 @@ def run_experiment(sizes: Sizes, seed: int = 0, tick: Callable[[], None] = lambd
     if "azure-conv" in out["scenarios"]:
         rate = out["scenarios"]["azure-conv"]["rate"]
         out["priorities"] = priorities(testbed, rate, sizes, seed, tick=tick)
-        out["autoscaling"] = autoscaling(testbed, rate * AUTOSCALE_LOAD_FRACTION, sizes, seed, tick=tick)
+        out["autoscaling"] = [autoscaling(testbed, rate * f, sizes, seed, tick=tick) for f in AUTOSCALE_LOAD_FRACTIONS]
     return out
 
 
@@ -295,8 +298,8 @@ def autoscaling(testbed: Testbed, rate: float, sizes: Sizes, seed: int, policy: 
     workload = load_workload(scenario.spec(rate, max(sizes.num_requests, AUTOSCALE_REQUESTS), seed))
     fixed = testbed.run(workload, bundle(policy), seed)
     tick()
-    scaled_policy = dataclasses.replace(bundle(policy), scaling=ScalingConfig(min_instances=1,
-                                                                              max_instances=NUM_INSTANCES))
+    scaled_policy = dataclasses.replace(bundle(policy), scaling=ScalingConfig(
+        min_instances=1, max_instances=NUM_INSTANCES, **AUTOSCALE_SETTINGS))
     scaled = testbed.run(workload, scaled_policy, seed, num_instances=NUM_INSTANCES)
     tick()
     return {"title": scenario.title, "rate": rate, "min": 1, "max": NUM_INSTANCES, "policy": policy,

@@ -68,12 +68,19 @@ def render_markdown(results: dict) -> str:
                   f"mean E2E {_ratio(wo['high']['e2e_mean'], w['high']['e2e_mean'])} faster; normal requests' mean "
                   f"TTFT {_ratio(w['normal']['ttft_mean'], wo['normal']['ttft_mean'])} of what it was."]
     if "autoscaling" in results:
-        au = results["autoscaling"]
-        lines += ["", f"### (e) Autoscaling between {au['min']} and {au['max']} instances "
-                      f"({au['title']}, {au['rate']:.2f} req/s)", "",
-                  "| | TTFT P99 (s) | TTFT mean (s) | instance-s |", "|---|---:|---:|---:|"]
-        for label, r in au["runs"].items():
-            lines.append(f"| {label} | {_s(r['ttft_p99'])} | {_s(r['ttft_mean'])} | {r['instance_seconds']:,.0f} |")
+        runs = results["autoscaling"]
+        first = runs[0]
+        lines += ["", f"### (e) Autoscaling between {first['min']} and {first['max']} instances ({first['title']}, "
+                      f"{POLICY_TITLES.get(first['policy'], first['policy'])})", "",
+                  "| load (req/s) | cluster | TTFT P99 (s) | TTFT mean (s) | instance-s | instance-s saved | P99 TTFT vs fixed |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for au in runs:
+            fixed, scaled = au["runs"].values()
+            for label, r in au["runs"].items():
+                saved = "" if r is fixed else f"{1 - r['instance_seconds'] / fixed['instance_seconds']:.0%}"
+                worse = "" if r is fixed else _ratio(r["ttft_p99"], fixed["ttft_p99"])
+                lines.append(f"| {au['rate']:.2f} | {label} | {_s(r['ttft_p99'])} | {_s(r['ttft_mean'])} | "
+                             f"{r['instance_seconds']:,.0f} | {saved} | {worse} |")
     return "\n".join(lines) + "\n"
 
 
