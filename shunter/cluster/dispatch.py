@@ -42,6 +42,7 @@ class DispatchContext:
         requests running + waiting), as the SGLang router does.
     memory_reserve: the `shunter` policy keeps this fraction of an instance's
         KV capacity for the growth of its running requests.
+    ttft_slack: seconds of predicted TTFT the `shunter` policy gives up for a smaller batch.
     """
 
     num_dispatched: int = 0
@@ -51,6 +52,7 @@ class DispatchContext:
     prefix: PrefixIndex | None = None
     imbalance_threshold: int = 32
     memory_reserve: float = 0.2
+    ttft_slack: float = 0.05
 
 
 DispatchPolicy = Callable[[Sequence[LoadReport], Request, DispatchContext], int]
@@ -163,14 +165,19 @@ def ttft_within_memory(reports: Sequence[LoadReport], request: Request, ctx: Dis
     alone misses (a long prompt costs more prefill than its blocks suggest); memory-blind TTFT
     ranking alone piles decodes up until they preempt each other."""
     blocks = request.num_tokens / (reports[0].block_size or 1)
-    best, best_ttft = -1, float("inf")
+    fits: list[int] = []
+    ttfts: list[float] = []
     for i, r in enumerate(reports):
         demand = (r.num_used_blocks + r.waiting_block_demand + blocks + ctx.load.headroom(r)) / r.num_total_blocks
         if demand <= 1.0 - ctx.memory_reserve:
-            t = predicted_ttft(r, request.num_tokens, ctx)
-            if t < best_ttft:
-                best, best_ttft = i, t
-    return best if best >= 0 else infaas(reports, request, ctx)
+            fits.append(i)
+            ttfts.append(predicted_ttft(r, request.num_tokens, ctx))
+    if not fits:
+        return infaas(reports, request, ctx)
+    # Among instances within `ttft_slack` of the best TTFT, the smallest batch: decode steps slow down
+    # with the batch, so this keeps the time per output token down at no cost in TTFT.
+    limit = min(ttfts) + ctx.ttft_slack
+    return min((reports[i].num_running, i) for i, t in zip(fits, ttfts) if t <= limit)[1]
 
 
 def predicted_ttft(report: LoadReport, num_prompt_tokens: int, ctx: DispatchContext) -> float:

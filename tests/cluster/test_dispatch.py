@@ -133,3 +133,25 @@ def test_slo_picks_the_least_loaded_instance_that_meets_the_ttft_slo():
 def test_unknown_policy_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"choose from: round-robin \(rr\), random, .*infaas \(least-load\)"):
         DISPATCH.get("freest")
+
+
+def test_shunter_dispatch_ranks_by_ttft_within_memory_then_prefers_the_smaller_batch():
+    ctx = DispatchContext(prefill_seconds=lambda n: n / 1000, memory_reserve=0.2, ttft_slack=0.05)
+    r = make_request(prompt_len=160)  # 10 blocks of 16
+    reports = [
+        report("0", used=10, running=2, pending=2000),   # fits, TTFT 2.16 s
+        report("1", used=75, running=1, pending=0),      # TTFT 0.16 s but 75 + 10 > 80 % of 100 blocks
+        report("2", used=30, running=9, pending=10),     # fits, TTFT 0.17 s
+        report("3", used=40, running=4, pending=40),     # fits, TTFT 0.20 s: within the slack of 2, smaller batch
+        report("4", used=20, running=1, pending=500),    # fits, TTFT 0.66 s: outside the slack
+    ]
+    for rep in reports:
+        rep.block_size = 16
+    assert pick("shunter", reports, r, ctx) == 3
+    ctx.ttft_slack = 0.0
+    assert pick("shunter", reports, r, ctx) == 2
+    # Nothing leaves the reserve free: INFaaS++'s least KV demand.
+    full = [report("0", used=90, running=1), report("1", used=85, running=5)]
+    for rep in full:
+        rep.block_size = 16
+    assert pick("shunter", full, r, ctx) == 1
