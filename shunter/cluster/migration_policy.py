@@ -12,6 +12,7 @@ Adding a policy is one function plus its decorator line.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -46,6 +47,12 @@ class MigrationPolicyConfig:
     memory_reserve: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("src_freeness", "dst_freeness"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.memory_reserve, (int, float)) or not 0 <= self.memory_reserve < 1:
+            raise ValueError(f"memory_reserve must be in [0, 1), got {self.memory_reserve!r}")
         if not self.dst_freeness >= self.src_freeness:
             raise ValueError(f"the destination freeness threshold ({self.dst_freeness!r}) must be at least the "
                              f"source threshold ({self.src_freeness!r})")

@@ -50,6 +50,15 @@ def _error_line(capsys, argv):
     (["--autoscale", "1:4", "--scale-up-freeness", "70"], "--scale-down-freeness (60) must exceed --scale-up-freeness (70)"),
     (["--autoscale", "1:4", "--scale-up-freeness", "x"], "invalid float value: 'x'"),
     (["--scale-down-freeness", "90"], "--scale-down-freeness needs --autoscale MIN:MAX"),
+    (["--policy", "fast"], "unknown policy bundle 'fast'; choose from: rr, infaas, llumnix, shunter"),
+    (["--migration", "teleport"], "unknown migration policy 'teleport'; choose from: none, llumnix, shunter"),
+    (["--link", "carrier"], "unknown link 'carrier'; choose from: pcie-gen4"),
+    (["--selection", "oldest"], "unknown migration selection 'oldest'; choose from: shortest, longest"),
+    (["--src-freeness", "50", "--dst-freeness", "10"], "destination freeness threshold (10.0) must be at least"),
+    (["--src-freeness", "nan"], "src_freeness must be a finite number, got nan"),
+    (["--max-migrations-per-instance", "0"], "must be a positive integer, got 0"),
+    (["--control-interval", "-1"], "--control-interval must be >= 0 seconds, got -1.0"),
+    (["--priority-headroom", "-3"], "--priority-headroom must be >= 0 blocks, got -3"),
     (["--autoscale", "1:4", "--goodput", "--ttft-slo", "1"], "drop --autoscale"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
@@ -61,7 +70,8 @@ def test_list_names_everything(capsys):
     assert main(["simulate", "--list"]) == 0
     out = capsys.readouterr().out
     for name in ("azure2023_conv", "mooncake_conversation", "a100-80gb", "h200", "llama-2-70b", "smollm2-135m",
-                 "round-robin", "least-load", "roofline", "profiled", "freeness"):
+                 "round-robin", "least-load", "roofline", "profiled", "freeness", "llumnix", "shunter", "nvlink",
+                 "last-arrived", "policy bundles"):
         assert name in out
 
 
@@ -165,3 +175,18 @@ def test_autoscale_runs_reports_scaling_and_is_deterministic(tmp_path, capsys):
     assert any(x["add"] for x in scaling["actions"]) and scaling["timeline"][0][1:] == [1, 1]
     assert ra["instance_seconds"] == pytest.approx(sum(i["seconds"] for i in ra["instances"]))
     assert len(ra["instances"]) > 1 and all(i["start"] is not None for i in ra["instances"])
+
+
+def test_policy_bundle_migrates_and_the_report_says_which_policies_ran(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    argv = ["simulate", "--trace", "azure2023_conv", "--instances", "4", "--max-requests", "400", "--rate", "8",
+            "--hardware", "a10", "--policy", "llumnix", "--dispatch", "shunter", "--link", "pcie-gen4", "--quiet",
+            "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 400 and report["migrations"] > 0
+    assert report["config"]["policies"]["dispatch"] == "shunter"  # the flag overrides the bundle's
+    assert report["config"]["policies"]["migration"] == "llumnix"
+    assert report["config"]["link"] == "pcie-gen4"
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["migrations"] == report["migrations"]  # same seed, same run
