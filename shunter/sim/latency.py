@@ -14,6 +14,8 @@ Registered by name in `LATENCY_MODELS` as factories taking keyword options:
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from itertools import accumulate
 from typing import Callable, Sequence
 
 from shunter.engine import SchedulerOutput
@@ -76,16 +78,13 @@ class LatencyModel:
         added one step at a time (as a step-by-step driver does). A step begins
         only before `until`; the list stops after the first end past `until`.
         """
-        ends = []
-        t = start
-        for duration in self.decode_times(num_decodes, sum_decode_context, num_steps):
-            if t >= until:
-                break
-            t = t + duration
-            ends.append(t)
-            if t > until:
-                break
-        return ends
+        # `accumulate` makes the same float additions in the same order as `t = t + d` per step
+        # (its running total starts at `start`), at C speed: this is the simulator's innermost loop.
+        times = list(accumulate(self.decode_times(num_decodes, sum_decode_context, num_steps), initial=start))
+        # times[i] is when step i begins; they increase (durations are > 0), so the steps that
+        # begin before `until` are a prefix, and the last of them is the first to end past it.
+        num_begun = bisect_left(times, until, 0, len(times) - 1)
+        return times[1:num_begun + 1]
 
     def predict(self, batch: SchedulerOutput) -> float:
         prefills, num_decodes, sum_context = summarize_batch(batch)
@@ -118,20 +117,6 @@ class ConstantLatency(LatencyModel):
     def decode_times(self, num_decodes: int, sum_decode_context: int, num_steps: int) -> list[float]:
         return [self.step_seconds] * num_steps
 
-    def decode_step_ends(self, start: float, num_decodes: int, sum_decode_context: int, num_steps: int,
-                         until: float) -> list[float]:
-        ends = []
-        t = start
-        step = self.step_seconds
-        for _ in range(num_steps):
-            if t >= until:
-                break
-            t = t + step
-            ends.append(t)
-            if t > until:
-                break
-        return ends
-
     def describe(self) -> dict:
         return {"name": self.name, "step_seconds": self.step_seconds}
 
@@ -152,6 +137,12 @@ DEFAULT_BANDWIDTH_EFFICIENCY = 0.80
 DEFAULT_STEP_OVERHEAD = 3e-3
 DEFAULT_ALLREDUCE_LATENCY = 10e-6
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# Decode durations are memoised for batches of up to this many decodes: at light load most
+# steps are such batches, and a lone request at context 1,000 is the same step on every
+# instance. A table holds every context sum up to the largest seen (b x context), so larger
+# batches would cost more memory and filling than they save; they are computed per step.
+MEMO_MAX_DECODES = 16
+MEMO_FILL_STEPS = 256  # a table grows by at least this many steps' worth of context sums
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context + allocator slack counted by vLLM's memory probe
 
 
@@ -210,6 +201,9 @@ class RooflineLatency(LatencyModel):
         self._s_lm_head_per_seq = 2.0 * head_params / flops
         self._s_lm_head_weights = head_params * db / bandwidth
         self._num_layers = model.num_layers
+        # Decode-step durations of small batches by context sum, one list per batch size (see
+        # MEMO_MAX_DECODES): the same (batch size, context sum) steps recur all the time.
+        self._decode_memo: dict[int, list[float]] = {}
 
     def _time(self, num_tokens: int, attention_pairs: int, kv_tokens_read: int, num_seqs: int) -> float:
         compute = num_tokens * self._s_per_token_flops + attention_pairs * self._s_per_pair
@@ -234,10 +228,27 @@ class RooflineLatency(LatencyModel):
         return self._time(num_decodes, sum_decode_context, sum_decode_context, num_decodes)
 
     def decode_times(self, num_decodes: int, sum_decode_context: int, num_steps: int) -> list[float]:
-        # `_time(b, s, s, b)` for each step with the terms that depend only on b
-        # hoisted: every operation and its order are unchanged, so the values are
-        # bit-identical (tests/sim/test_latency.py checks it).
+        if num_steps <= 0:
+            return []
         b = num_decodes
+        last = sum_decode_context + (num_steps - 1) * b
+        if b > MEMO_MAX_DECODES:
+            return self._decode_durations(b, range(sum_decode_context, last + 1, b))
+        table = self._decode_memo.get(b)
+        if table is None:
+            table = self._decode_memo[b] = []
+        if len(table) <= last:
+            # Filled in whole runs of context sums: the next steps of this batch will want them.
+            table += self._decode_durations(b, range(len(table), last + 1 + MEMO_FILL_STEPS * b))
+        return table[sum_decode_context:last + 1:b]
+
+    def _decode_durations(self, b: int, sums: range) -> list[float]:
+        """`decode_time(b, s)` for each s in `sums`.
+
+        `_time(b, s, s, b)` with the terms that depend only on b hoisted: every
+        operation and its order are unchanged, so the values are bit-identical
+        (tests/sim/test_fast_path.py checks it).
+        """
         compute_b = b * self._s_per_token_flops
         s_pair = self._s_per_pair
         s_weights = self._s_weights
@@ -250,41 +261,12 @@ class RooflineLatency(LatencyModel):
         layers = self._num_layers
         overhead = self.step_overhead
         out = []
-        for s in range(sum_decode_context, sum_decode_context + num_steps * b, b):
+        for s in sums:
             compute = compute_b + s * s_pair
             memory = s_weights + (s + b) * s_kv + act_b
             layer = (compute if compute > memory else memory) + allreduce_b + allreduce_fixed
             out.append(layers * layer + head + overhead)
         return out
-
-    def decode_step_ends(self, start: float, num_decodes: int, sum_decode_context: int, num_steps: int,
-                         until: float) -> list[float]:
-        # `decode_times` fused with the clock: this loop is the simulator's innermost.
-        b = num_decodes
-        compute_b = b * self._s_per_token_flops
-        s_pair = self._s_per_pair
-        s_weights = self._s_weights
-        s_kv = self._s_per_kv_token
-        act_b = b * self._s_per_act_token
-        allreduce_b = b * self._s_allreduce_per_token
-        allreduce_fixed = self._s_allreduce_fixed
-        head_compute = b * self._s_lm_head_per_seq
-        head = head_compute if head_compute > self._s_lm_head_weights else self._s_lm_head_weights
-        layers = self._num_layers
-        overhead = self.step_overhead
-        ends = []
-        t = start
-        for s in range(sum_decode_context, sum_decode_context + num_steps * b, b):
-            if t >= until:
-                break
-            compute = compute_b + s * s_pair
-            memory = s_weights + (s + b) * s_kv + act_b
-            layer = (compute if compute > memory else memory) + allreduce_b + allreduce_fixed
-            t = t + (layers * layer + head + overhead)
-            ends.append(t)
-            if t > until:
-                break
-        return ends
 
     def kv_capacity_blocks(self, block_size: int, max_num_batched_tokens: int) -> int:
         return kv_capacity_blocks(self.gpu, self.model, block_size, self.gpu_memory_utilization, max_num_batched_tokens)
