@@ -47,6 +47,10 @@ class DecodeRun:
         `in_flight_end`; finish it with `end_decode_step`), or None; and
         `is_blocked` says the next step needs a preemption, so `schedule()`
         must take it.
+    quiet_until: while suspended, a horizon before this time would change
+        nothing but the clock and the lagging counters (no block-manager call,
+        no stop, the run does not end), so a driver may hold such horizons back
+        and send only the latest one when it needs the run to move.
     """
 
     time: float
@@ -56,6 +60,7 @@ class DecodeRun:
     in_flight_end: float = 0.0
     is_blocked: bool = False
     is_done: bool = False
+    quiet_until: float = 0.0
 
 
 class DecodeRunsMixin:
@@ -284,6 +289,16 @@ class DecodeRunsMixin:
                     first = mid + 1
             return first
 
+        def quiet_until() -> float:
+            """When the next block-manager call comes, or the end of what is timed if that is sooner."""
+            timed = ends[-1] if j - j0 < len(ends) else t  # the steps after this are not timed yet
+            # The step at whose end the next call comes (the next step's begin, for an allocation).
+            first = min(events[0][0] - 1 + events[0][1] if events else _NEVER, clear_at - 1)
+            if first < j:
+                return t  # at the begin of step j, which has not begun yet
+            k = first - j0
+            return ends[k] if k < len(ends) else timed
+
         ends: list[float] = []  # ends of steps j0, j0 + 1, ... (a chunk of the current segment)
         j0 = 0
         t = now  # the end of the last completed step
@@ -305,7 +320,7 @@ class DecodeRunsMixin:
                 if c < len(ends):
                     in_flight = t < until
                     make_calls(j + 1 if in_flight else j, j)
-                    run.time, run.num_steps = t, j
+                    run.time, run.num_steps, run.quiet_until = t, j, quiet_until()
                     until = yield run
                     continue
             make_calls(j, j)  # the chunk is complete
@@ -317,7 +332,7 @@ class DecodeRunsMixin:
                 seg_last = min(min(last_step[i] for i in alive), limit - 1)
                 blocked_at = first_blocked_step(j, seg_last)
             if t >= until:
-                run.time, run.num_steps = t, j
+                run.time, run.num_steps, run.quiet_until = t, j, quiet_until()
                 until = yield run
                 continue
             if j == blocked_at:  # schedule() must take this step, and preempt
