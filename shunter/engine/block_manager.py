@@ -149,11 +149,13 @@ class BlockManager:
         which case nothing changed.
         """
         block_ids = self.req_to_block_ids.get(request_id)
-        num_needed = cdiv(num_tokens, self.block_size) - len(cached_block_ids)
+        num_needed = -(-num_tokens // self.block_size) - len(cached_block_ids)  # cdiv, inlined: a hot path
         if block_ids:
             if cached_block_ids:
                 raise ValueError(f"request {request_id!r} already holds blocks; cached blocks only start a table")
             num_needed -= len(block_ids)
+            if num_needed <= 0:
+                return []
         # A cached block that is free must leave the free list, so it counts against it.
         num_cached_free = sum(1 for b in cached_block_ids if self.ref_counts[b] == 0) if cached_block_ids else 0
         if max(num_needed, 0) + num_cached_free > len(self.free_unhashed_ids) + len(self.free_cached_ids):
@@ -184,6 +186,11 @@ class BlockManager:
     def _take_free(self, n: int) -> list[int]:
         """The next `n` blocks of the free list (there must be that many), referenced once, hashes dropped."""
         stack = self.free_unhashed_ids
+        refs = self.ref_counts
+        if n == 1 and stack:  # a decode's next block: the usual case
+            b = stack.pop()
+            refs[b] = 1
+            return [b]
         k = min(n, len(stack))
         taken = stack[-k:] if k else []
         del stack[len(stack) - k:]
@@ -192,7 +199,6 @@ class BlockManager:
             b, _ = self.free_cached_ids.popitem(last=False)
             self._evict(b)
             taken.append(b)
-        refs = self.ref_counts
         for b in taken:
             refs[b] = 1
         return taken
