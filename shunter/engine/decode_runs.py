@@ -22,7 +22,7 @@ _NEVER = 1 << 62
 _INF = float("inf")
 # Step ends are computed this many at a time (or to the end of a segment): enough that most
 # horizons find the next steps already timed, few enough that a run ended early wastes little.
-_CHUNK_STEPS = 64
+_CHUNK_STEPS = 128
 
 
 def _apply_decodes(request: Request, num_steps: int, token_id: int, now: float) -> None:
