@@ -14,6 +14,7 @@ Registered by name in `LATENCY_MODELS` as factories taking keyword options:
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
 from itertools import accumulate
 from typing import Callable, Sequence
@@ -143,6 +144,7 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # batches would cost more memory and filling than they save; they are computed per step.
 MEMO_MAX_DECODES = 16
 MEMO_FILL_STEPS = 256  # a table grows by at least this many steps' worth of context sums
+MEMO_MAX_CONTEXT_SUM = 1 << 18  # tables stop here (2 MiB of doubles each); longer contexts are computed
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context + allocator slack counted by vLLM's memory probe
 
 
@@ -201,9 +203,9 @@ class RooflineLatency(LatencyModel):
         self._s_lm_head_per_seq = 2.0 * head_params / flops
         self._s_lm_head_weights = head_params * db / bandwidth
         self._num_layers = model.num_layers
-        # Decode-step durations of small batches by context sum, one list per batch size (see
+        # Decode-step durations of small batches by context sum, one array per batch size (see
         # MEMO_MAX_DECODES): the same (batch size, context sum) steps recur all the time.
-        self._decode_memo: dict[int, list[float]] = {}
+        self._decode_memo: dict[int, array] = {}
 
     def _time(self, num_tokens: int, attention_pairs: int, kv_tokens_read: int, num_seqs: int) -> float:
         compute = num_tokens * self._s_per_token_flops + attention_pairs * self._s_per_pair
@@ -232,15 +234,16 @@ class RooflineLatency(LatencyModel):
             return []
         b = num_decodes
         last = sum_decode_context + (num_steps - 1) * b
-        if b > MEMO_MAX_DECODES:
+        if b > MEMO_MAX_DECODES or last >= MEMO_MAX_CONTEXT_SUM:
             return self._decode_durations(b, range(sum_decode_context, last + 1, b))
         table = self._decode_memo.get(b)
         if table is None:
-            table = self._decode_memo[b] = []
+            table = self._decode_memo[b] = array("d")
         if len(table) <= last:
             # Filled in whole runs of context sums: the next steps of this batch will want them.
-            table += self._decode_durations(b, range(len(table), last + 1 + MEMO_FILL_STEPS * b))
-        return table[sum_decode_context:last + 1:b]
+            end = min(last + 1 + MEMO_FILL_STEPS * b, MEMO_MAX_CONTEXT_SUM)
+            table.extend(self._decode_durations(b, range(len(table), end)))
+        return table[sum_decode_context:last + 1:b].tolist()
 
     def _decode_durations(self, b: int, sums: range) -> list[float]:
         """`decode_time(b, s)` for each s in `sums`.

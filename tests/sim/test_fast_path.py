@@ -98,7 +98,10 @@ def test_bulk_decode_times_are_bit_identical_to_single_steps(latency):
         assert latency.decode_step_ends(1.25, size, context, 50, until - 1e-9) == ends[:21]  # last one in flight
 
 
-def test_memoised_decode_durations_match_single_steps_as_the_tables_grow():
+@pytest.mark.parametrize("max_context_sum", [None, 3000])
+def test_memoised_decode_durations_match_single_steps_as_the_tables_grow(monkeypatch, max_context_sum):
+    if max_context_sum is not None:  # tables that stop short: later sums are computed, not looked up
+        monkeypatch.setattr("shunter.sim.latency.MEMO_MAX_CONTEXT_SUM", max_context_sum)
     memo, plain = roofline(), roofline()
     rng = random.Random(3)
     for _ in range(300):  # small batches hit the memo (growing it out of order), larger ones do not
