@@ -140,11 +140,12 @@ DEFAULT_ALLREDUCE_LATENCY = 10e-6
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # Decode durations are memoised for batches of up to this many decodes: at light load most
 # steps are such batches, and a lone request at context 1,000 is the same step on every
-# instance. A table holds every context sum up to the largest seen (b x context), so larger
-# batches would cost more memory and filling than they save; they are computed per step.
+# instance. A batch's steps walk its context sum in strides of its size, so a table holds a
+# window of one stride (one residue class), grown at either end as runs need it. Larger
+# batches seldom repeat a step; their durations are computed.
 MEMO_MAX_DECODES = 16
-MEMO_FILL_STEPS = 256  # a table grows by at least this many steps' worth of context sums
-MEMO_MAX_CONTEXT_SUM = 1 << 18  # tables stop here (2 MiB of doubles each); longer contexts are computed
+MEMO_FILL_STEPS = 128  # a window grows upward by at least this many steps
+MEMO_MAX_STEPS = 1 << 14  # a window's widest (128 KiB of doubles); steps beyond it are computed
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context + allocator slack counted by vLLM's memory probe
 
 
@@ -203,9 +204,9 @@ class RooflineLatency(LatencyModel):
         self._s_lm_head_per_seq = 2.0 * head_params / flops
         self._s_lm_head_weights = head_params * db / bandwidth
         self._num_layers = model.num_layers
-        # Decode-step durations of small batches by context sum, one array per batch size (see
-        # MEMO_MAX_DECODES): the same (batch size, context sum) steps recur all the time.
-        self._decode_memo: dict[int, array] = {}
+        # Decode-step durations of small batches, by (batch size, context sum mod batch size):
+        # the same steps recur all the time (see MEMO_MAX_DECODES).
+        self._decode_memo: dict[tuple[int, int], _DurationWindow] = {}
 
     def _time(self, num_tokens: int, attention_pairs: int, kv_tokens_read: int, num_seqs: int) -> float:
         compute = num_tokens * self._s_per_token_flops + attention_pairs * self._s_per_pair
@@ -230,20 +231,17 @@ class RooflineLatency(LatencyModel):
         return self._time(num_decodes, sum_decode_context, sum_decode_context, num_decodes)
 
     def decode_times(self, num_decodes: int, sum_decode_context: int, num_steps: int) -> list[float]:
+        b, s = num_decodes, sum_decode_context
         if num_steps <= 0:
             return []
-        b = num_decodes
-        last = sum_decode_context + (num_steps - 1) * b
-        if b > MEMO_MAX_DECODES or last >= MEMO_MAX_CONTEXT_SUM:
-            return self._decode_durations(b, range(sum_decode_context, last + 1, b))
-        table = self._decode_memo.get(b)
-        if table is None:
-            table = self._decode_memo[b] = array("d")
-        if len(table) <= last:
-            # Filled in whole runs of context sums: the next steps of this batch will want them.
-            end = min(last + 1 + MEMO_FILL_STEPS * b, MEMO_MAX_CONTEXT_SUM)
-            table.extend(self._decode_durations(b, range(len(table), end)))
-        return table[sum_decode_context:last + 1:b].tolist()
+        if b <= MEMO_MAX_DECODES:
+            window = self._decode_memo.get((b, s % b))
+            if window is None:
+                window = self._decode_memo[b, s % b] = _DurationWindow(b, s, self._decode_durations)
+            durations = window.get(s, num_steps)
+            if durations is not None:
+                return durations
+        return self._decode_durations(b, range(s, s + num_steps * b, b))
 
     def _decode_durations(self, b: int, sums: range) -> list[float]:
         """`decode_time(b, s)` for each s in `sums`.
@@ -278,6 +276,42 @@ class RooflineLatency(LatencyModel):
         return {"name": self.name, "hardware": self.gpu.name, "model": self.model.name, "tp": self.model.tp,
                 "mfu": self.mfu, "bandwidth_efficiency": self.bandwidth_efficiency,
                 "step_overhead": self.step_overhead}
+
+
+class _DurationWindow:
+    """Memoised durations of the decode steps of b decodes at context sums lo, lo + b, lo + 2b, ...
+
+    `compute(b, sums)` gives the durations it lacks. It grows at either end as
+    runs ask for steps outside it (upward by at least MEMO_FILL_STEPS, since a
+    run's context keeps growing), up to MEMO_MAX_STEPS steps wide.
+    """
+
+    __slots__ = ("b", "lo", "durations", "compute")
+
+    def __init__(self, b: int, lo: int, compute: Callable[[int, range], list[float]]) -> None:
+        self.b = b
+        self.lo = lo
+        self.durations = array("d")
+        self.compute = compute
+
+    def get(self, s: int, num_steps: int) -> list[float] | None:
+        """Durations of `num_steps` steps from context sum `s` (in this stride), or None if too far out."""
+        b = self.b
+        lo = self.lo
+        end = lo + len(self.durations) * b
+        hi = s + num_steps * b
+        if s < lo or hi > end:
+            new_lo = min(s, lo)
+            new_end = max(hi, end + MEMO_FILL_STEPS * b) if hi > end else end
+            if (new_end - new_lo) // b > MEMO_MAX_STEPS:
+                return None
+            if new_lo < lo:
+                self.durations[:0] = array("d", self.compute(b, range(new_lo, lo, b)))
+                self.lo = lo = new_lo
+            if new_end > end:
+                self.durations.extend(self.compute(b, range(end, new_end, b)))
+        i = (s - lo) // b
+        return self.durations[i:i + num_steps].tolist()
 
 
 def activation_reserve_bytes(model: ModelSpec, max_num_batched_tokens: int) -> float:
