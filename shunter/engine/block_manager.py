@@ -11,6 +11,12 @@ token ids (a hash collision must never serve wrong KV). A freed block keeps its
 hash and sits in an LRU free list; it is reused for new content only when it is
 the least recently freed, so a request resumed after preemption, or a new turn
 of a conversation, usually finds its prefix still there.
+
+Free list: blocks holding nothing reusable (no hash) are reused first, most
+recently freed first; then hashed blocks, least recently freed first. A free
+block's hash never changes, so the list is two parts kept apart: a stack of
+unhashed blocks (whole tables move on and off it in slices, which is what makes
+allocating and freeing long prompts cheap) and an LRU of hashed ones.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[int | None] = [None] * num_blocks
         self.block_token_ids: list[tuple[int, ...] | None] = [None] * num_blocks
-        # Free blocks in reuse order: the first is the next to be overwritten.
-        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # The free list, in two parts (see the module docstring): unhashed blocks as a stack
+        # whose last element is the next to be reused, then hashed blocks, least recently freed first.
+        self.free_unhashed_ids: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.free_cached_ids: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block_id: dict[int, int] = {}
         self.req_to_block_ids: dict[str, list[int]] = {}
         # Chained hashes of a request's full blocks, computed once per token prefix.
@@ -56,11 +64,16 @@ class BlockManager:
     # ---- queries -------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return len(self.free_unhashed_ids) + len(self.free_cached_ids)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_block_ids)
+        return self.num_blocks - len(self.free_unhashed_ids) - len(self.free_cached_ids)
+
+    @property
+    def free_block_ids(self) -> list[int]:
+        """The free blocks in reuse order (the first is the next to be overwritten); a copy."""
+        return self.free_unhashed_ids[::-1] + list(self.free_cached_ids)
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (empty if it holds none). Do not mutate."""
@@ -136,31 +149,59 @@ class BlockManager:
         which case nothing changed.
         """
         block_ids = self.req_to_block_ids.get(request_id)
-        if cached_block_ids and block_ids:
-            raise ValueError(f"request {request_id!r} already holds blocks; cached blocks only start a table")
-        num_held = len(block_ids) if block_ids else 0
-        num_needed = cdiv(num_tokens, self.block_size) - num_held - len(cached_block_ids)
+        num_needed = -(-num_tokens // self.block_size) - len(cached_block_ids)  # cdiv, inlined: a hot path
+        if block_ids:
+            if cached_block_ids:
+                raise ValueError(f"request {request_id!r} already holds blocks; cached blocks only start a table")
+            num_needed -= len(block_ids)
+            if num_needed <= 0:
+                return []
         # A cached block that is free must leave the free list, so it counts against it.
-        num_cached_free = sum(1 for b in cached_block_ids if self.ref_counts[b] == 0)
-        if max(num_needed, 0) + num_cached_free > len(self.free_block_ids):
+        num_cached_free = sum(1 for b in cached_block_ids if self.ref_counts[b] == 0) if cached_block_ids else 0
+        if max(num_needed, 0) + num_cached_free > len(self.free_unhashed_ids) + len(self.free_cached_ids):
             return None
         if block_ids is None:
             block_ids = self.req_to_block_ids[request_id] = []
-        new_ids: list[int] = []
-        for b in cached_block_ids:
-            if self.ref_counts[b] == 0:
-                del self.free_block_ids[b]
-            self.ref_counts[b] += 1
-            new_ids.append(b)
         if cached_block_ids:
+            new_ids = self._take_cached(cached_block_ids)
             self.req_to_num_cached_blocks[request_id] = len(cached_block_ids)
-        for _ in range(num_needed):
-            b, _ = self.free_block_ids.popitem(last=False)
-            self._evict(b)
-            self.ref_counts[b] = 1
-            new_ids.append(b)
+            if num_needed > 0:
+                new_ids += self._take_free(num_needed)
+        elif num_needed > 0:
+            new_ids = self._take_free(num_needed)
+        else:
+            new_ids = []
         block_ids.extend(new_ids)
         return new_ids
+
+    def _take_cached(self, cached_block_ids: list[int] | tuple) -> list[int]:
+        """Reference prefix-cache hits, taking the free ones off the free list."""
+        refs = self.ref_counts
+        for b in cached_block_ids:
+            if refs[b] == 0:
+                del self.free_cached_ids[b]
+            refs[b] += 1
+        return list(cached_block_ids)
+
+    def _take_free(self, n: int) -> list[int]:
+        """The next `n` blocks of the free list (there must be that many), referenced once, hashes dropped."""
+        stack = self.free_unhashed_ids
+        refs = self.ref_counts
+        if n == 1 and stack:  # a decode's next block: the usual case
+            b = stack.pop()
+            refs[b] = 1
+            return [b]
+        k = min(n, len(stack))
+        taken = stack[-k:] if k else []
+        del stack[len(stack) - k:]
+        taken.reverse()  # the top of the stack is reused first
+        for _ in range(n - k):
+            b, _ = self.free_cached_ids.popitem(last=False)
+            self._evict(b)
+            taken.append(b)
+        for b in taken:
+            refs[b] = 1
+        return taken
 
     def _evict(self, block_id: int) -> None:
         h = self.block_hashes[block_id]
@@ -184,12 +225,17 @@ class BlockManager:
             self.req_to_block_hashes.pop(request_id, None)
         if not block_ids:
             return 0
+        refs = self.ref_counts
+        hashes = self.block_hashes
+        stack = self.free_unhashed_ids
         for b in reversed(block_ids):
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] == 0:
-                self.free_block_ids[b] = None
-                if self.block_hashes[b] is None:
-                    self.free_block_ids.move_to_end(b, last=False)
+            r = refs[b] - 1
+            refs[b] = r
+            if r == 0:
+                if hashes[b] is None:
+                    stack.append(b)
+                else:
+                    self.free_cached_ids[b] = None
         return len(block_ids)
 
     def rename(self, old_key, new_key) -> None:
@@ -214,8 +260,14 @@ class BlockManager:
             for b in block_ids:
                 refs[b] += 1
         assert refs == self.ref_counts, "ref counts disagree with block tables"
+        free = set(self.free_unhashed_ids)
+        assert len(free) == len(self.free_unhashed_ids), "a block is twice in the free list"
+        assert free.isdisjoint(self.free_cached_ids), "a block is in both parts of the free list"
+        free.update(self.free_cached_ids)
         for b in range(self.num_blocks):
-            assert (b in self.free_block_ids) == (refs[b] == 0), f"block {b}: free list disagrees with ref count"
+            assert (b in free) == (refs[b] == 0), f"block {b}: free list disagrees with ref count"
+        assert all(self.block_hashes[b] is None for b in self.free_unhashed_ids), "hashed block among the unhashed"
+        assert all(self.block_hashes[b] is not None for b in self.free_cached_ids), "unhashed block among the cached"
         assert self.num_free_blocks + sum(1 for r in refs if r > 0) == self.num_blocks, "free + used != total"
         for h, b in self.hash_to_block_id.items():
             assert self.block_hashes[b] == h, f"hash index points at block {b} holding another hash"

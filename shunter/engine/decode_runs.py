@@ -10,13 +10,19 @@ step (tests/sim/test_fast_path.py compares whole simulations both ways).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from heapq import heapify, heappop, heapreplace
 from typing import Callable, Generator
 
 from shunter.engine.block_manager import cdiv
 from shunter.request import Request, RequestStatus
 
 _NEVER = 1 << 62
+_INF = float("inf")
+# Step ends are computed this many at a time (or to the end of a segment): enough that most
+# horizons find the next steps already timed, few enough that a run ended early wastes little.
+_CHUNK_STEPS = 128
 
 
 def _apply_decodes(request: Request, num_steps: int, token_id: int, now: float) -> None:
@@ -41,6 +47,10 @@ class DecodeRun:
         `in_flight_end`; finish it with `end_decode_step`), or None; and
         `is_blocked` says the next step needs a preemption, so `schedule()`
         must take it.
+    quiet_until: while suspended, a horizon before this time would change
+        nothing but the clock and the lagging counters (no block-manager call,
+        no stop, the run does not end), so a driver may hold such horizons back
+        and send only the latest one when it needs the run to move.
     """
 
     time: float
@@ -50,6 +60,7 @@ class DecodeRun:
     in_flight_end: float = 0.0
     is_blocked: bool = False
     is_done: bool = False
+    quiet_until: float = 0.0
 
 
 class DecodeRunsMixin:
@@ -176,6 +187,13 @@ class DecodeRunsMixin:
         where it stands, bringing them up to date and handing back the step in
         flight. Nothing may add, abort, export or import requests while a run
         is suspended: end it first.
+
+        How: the run is cut into segments between stops, in which the batch
+        and so the step durations are known in advance; their step ends are
+        computed a chunk at a time, independent of any horizon, and a horizon
+        only finds its place among them. The block-manager calls are made
+        lazily, in the order schedule()/update() make them, up to the steps
+        begun (allocations) and ended (fills, stops) by the horizon.
         """
         cfg = self.config
         bs = cfg.block_size
@@ -186,132 +204,150 @@ class DecodeRunsMixin:
         limit = _NEVER if max_steps is None else max_steps
 
         members = self.running[:]
-        # Per request: computed tokens at step 0, blocks held, and the steps of its next block events.
+        # Per request: computed tokens at step 0, and the steps of its next block events.
         base: list[int] = []
-        held: list[int] = []
         next_alloc: list[int] = []  # the step whose begin needs a new block
         next_fill: list[int] = []  # the step whose end fills a block (registered in the prefix cache)
         last_step: list[int] = []  # the step at whose end the request stops
-        for r in members:
+        # Pending block-manager calls as (step, 0: at its begin (allocate) | 1: at its end (fill, stop),
+        # member): heap order is the order schedule() and update() make them in.
+        events: list[tuple[int, int, int]] = []
+        for i, r in enumerate(members):
             c = r.num_computed_tokens
-            h = len(tables[r.request_id])
             base.append(c)
-            held.append(h)
-            next_alloc.append(h * bs - c)
+            next_alloc.append(len(tables[r.request_id]) * bs - c)
             next_fill.append(-(c + 1) % bs if caching else _NEVER)
             p = r.sampling_params
             if token_id in p.stop_token_ids or (token_id == r.eos_token_id and not p.ignore_eos):
                 last_step.append(0)
             else:
                 last_step.append(min(p.max_tokens - len(r.output_token_ids), max_len - len(r.all_token_ids)) - 1)
+            events.append((next_alloc[i], 0, i))
+            events.append((min(next_fill[i], last_step[i]), 1, i))
+        heapify(events)
         done = [0] * len(members)  # steps applied to each request object so far
         alive = list(range(len(members)))
         run = DecodeRun(now)
-        clear_finished = bool(self._finished_ids)
+        # The step whose begin hands the finished requests' ids to the executor (schedule() clears them).
+        clear_at = 0 if self._finished_ids else _NEVER
 
-        def end_event_step(event: int, j: int, t: float) -> None:
-            """The event step ended at t: requests filling a block or stopping, in batch order, as update()."""
-            nonlocal clear_finished
-            any_finished = False
-            for i in alive:
-                is_fill = next_fill[i] == event
-                is_last = last_step[i] == event
-                if not (is_fill or is_last):
+        def make_calls(begun: int, ended: int) -> None:
+            """The block-manager calls of the steps before `begun` (allocations) and before `ended` (fills, stops)."""
+            nonlocal clear_at
+            any_stopped = False
+            while events:
+                step, at_end, i = events[0]
+                if step >= (ended if at_end else begun):
+                    break
+                if not at_end:
+                    if step > last_step[i]:  # it stopped before this step
+                        heappop(events)
+                        continue
+                    rid = members[i].request_id
+                    bm.allocate_slots(rid, base[i] + step + 1)
+                    next_alloc[i] = len(tables[rid]) * bs - base[i]
+                    heapreplace(events, (next_alloc[i], 0, i))
                     continue
                 r = members[i]
-                _apply_decodes(r, j - done[i], token_id, t)
-                done[i] = j
-                if is_fill:
+                t_end = ends[step - j0]
+                _apply_decodes(r, step + 1 - done[i], token_id, t_end)
+                done[i] = step + 1
+                if next_fill[i] == step:
                     bm.cache_computed_blocks(r)
                     next_fill[i] += bs
-                if is_last:
-                    self._finalize(r, self._stop_status(r, token_id), t)
+                if last_step[i] == step:
+                    heappop(events)
+                    if clear_at <= step:  # a step began since the last stops: schedule() cleared them
+                        self._finished_ids = []
+                    self._finalize(r, self._stop_status(r, token_id), t_end)
                     run.finished.append(r)
-                    any_finished = True
-            if any_finished:
+                    clear_at = step + 1
+                    any_stopped = True
+                else:
+                    heapreplace(events, (min(next_fill[i], last_step[i]), 1, i))
+            if any_stopped:
                 self.running = [r for r in self.running if not r.is_finished]
                 alive[:] = [i for i in alive if not members[i].is_finished]
-                clear_finished = True  # the next step's begin hands them to the executor
+            if begun > clear_at:
+                self._finished_ids = []
+                clear_at = _NEVER
 
-        t = now
+        def first_blocked_step(first: int, last: int) -> int:
+            """The first step in [first, last] that needs more new blocks than are left, or _NEVER."""
+            free = bm.num_free_blocks
+            pending = [next_alloc[i] for i in alive]  # each request's allocations: every bs steps from here
+
+            def num_allocations_through(e: int) -> int:
+                return sum((e - a) // bs + 1 for a in pending if a <= e)
+
+            if num_allocations_through(last) <= free:
+                return _NEVER
+            while first < last:
+                mid = (first + last) // 2
+                if num_allocations_through(mid) > free:
+                    last = mid
+                else:
+                    first = mid + 1
+            return first
+
+        def quiet_until() -> float:
+            """When the next block-manager call comes, or the end of what is timed if that is sooner."""
+            timed = ends[-1] if j - j0 < len(ends) else t  # the steps after this are not timed yet
+            # The step at whose end the next call comes (the next step's begin, for an allocation).
+            first = min(events[0][0] - 1 + events[0][1] if events else _NEVER, clear_at - 1)
+            if first < j:
+                return t  # at the begin of step j, which has not begun yet
+            k = first - j0
+            return ends[k] if k < len(ends) else timed
+
+        ends: list[float] = []  # ends of steps j0, j0 + 1, ... (a chunk of the current segment)
+        j0 = 0
+        t = now  # the end of the last completed step
         j = 0  # steps completed in this run
-        event = -1
-        in_flight_end: float | None = None  # end of the begun step j, while it runs past the horizon
+        seg_last = -1  # the last step of the current segment: the batch is the same up to its end
+        blocked_at = _NEVER
+        size = sum_base = 0
+        in_flight = False
         until = yield run
         while until is not None:
-            if in_flight_end is not None:
-                if in_flight_end > until:
-                    run.time, run.num_steps = t, j
+            in_flight = False
+            k = j - j0
+            if k < len(ends):
+                # Steps of the chunk ending by `until` complete; the next one is in flight if it began before.
+                c = bisect_right(ends, until, k)
+                if c > k:
+                    j = j0 + c
+                    t = ends[c - 1]
+                if c < len(ends):
+                    in_flight = t < until
+                    make_calls(j + 1 if in_flight else j, j)
+                    run.time, run.num_steps, run.quiet_until = t, j, quiet_until()
                     until = yield run
                     continue
-                t = in_flight_end
-                in_flight_end = None
-                j += 1
-                if j - 1 == event:
-                    end_event_step(event, j, t)
-                continue
-            if not alive or j >= limit:
-                break
+            make_calls(j, j)  # the chunk is complete
+            if j > seg_last:  # a new segment: stops changed the batch (or the run starts)
+                if not alive or j >= limit:
+                    break
+                size = len(alive)
+                sum_base = sum(base[i] for i in alive)
+                seg_last = min(min(last_step[i] for i in alive), limit - 1)
+                blocked_at = first_blocked_step(j, seg_last)
             if t >= until:
-                run.time, run.num_steps = t, j
+                run.time, run.num_steps, run.quiet_until = t, j, quiet_until()
                 until = yield run
                 continue
-            size = len(alive)
-            sum_context = size * (j + 1)
-            event = _NEVER
-            for i in alive:
-                sum_context += base[i]
-                e = next_alloc[i]
-                if next_fill[i] < e:
-                    e = next_fill[i]
-                if last_step[i] < e:
-                    e = last_step[i]
-                if e < event:
-                    event = e
-            # Steps j, j+1, ... up to the event step; the list stops at `until` (see step_ends).
-            ends = step_ends(t, size, sum_context, min(event - j + 1, limit - j, 1024), until)
-            num_begun = len(ends)
-            if j + num_begun - 1 == event:
-                # The event step begins: requests whose next token starts a block get one, in running order.
-                growing = [i for i in alive if next_alloc[i] == event]
-                if growing:
-                    need = 0
-                    for i in growing:
-                        need += cdiv(base[i] + event + 1, bs) - held[i]
-                    if need > bm.num_free_blocks:
-                        num_begun -= 1  # it does not begin; the steps before it ended before `until`
-                        if num_begun:
-                            j += num_begun
-                            t = ends[num_begun - 1]
-                            if clear_finished:
-                                self._finished_ids = []
-                        run.is_blocked = True
-                        break
-                    for i in growing:
-                        rid = members[i].request_id
-                        bm.allocate_slots(rid, base[i] + event + 1)
-                        held[i] = len(tables[rid])
-                        next_alloc[i] = held[i] * bs - base[i]
-            if clear_finished:
-                self._finished_ids = []  # what schedule() hands the executor; the simulator's ignores it
-                clear_finished = False
-            last = ends[-1]
-            if last > until:  # the last begun step is still running at `until`
-                j += num_begun - 1
-                if num_begun > 1:
-                    t = ends[num_begun - 2]
-                in_flight_end = last
-                continue
-            j += num_begun
-            t = last
-            if j - 1 == event:
-                end_event_step(event, j, t)
+            if j == blocked_at:  # schedule() must take this step, and preempt
+                run.is_blocked = True
+                break
+            j0 = j
+            num_steps = min(seg_last + 1, blocked_at, j + _CHUNK_STEPS) - j
+            ends = step_ends(t, size, sum_base + size * (j + 1), num_steps, _INF)
         # The run ends: bring every request up to date.
         for i in alive:
             if j > done[i]:
                 _apply_decodes(members[i], j - done[i], token_id, t)
         run.time, run.num_steps, run.is_done = t, j, True
-        if in_flight_end is not None:
+        if in_flight:
             run.in_flight = [members[i] for i in alive]
-            run.in_flight_end = in_flight_end
+            run.in_flight_end = ends[j - j0]
         yield run

@@ -14,6 +14,9 @@ Registered by name in `LATENCY_MODELS` as factories taking keyword options:
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
+from itertools import accumulate
 from typing import Callable, Sequence
 
 from shunter.engine import SchedulerOutput
@@ -76,16 +79,13 @@ class LatencyModel:
         added one step at a time (as a step-by-step driver does). A step begins
         only before `until`; the list stops after the first end past `until`.
         """
-        ends = []
-        t = start
-        for duration in self.decode_times(num_decodes, sum_decode_context, num_steps):
-            if t >= until:
-                break
-            t = t + duration
-            ends.append(t)
-            if t > until:
-                break
-        return ends
+        # `accumulate` makes the same float additions in the same order as `t = t + d` per step
+        # (its running total starts at `start`), at C speed: this is the simulator's innermost loop.
+        times = list(accumulate(self.decode_times(num_decodes, sum_decode_context, num_steps), initial=start))
+        # times[i] is when step i begins; they increase (durations are > 0), so the steps that
+        # begin before `until` are a prefix, and the last of them is the first to end past it.
+        num_begun = bisect_left(times, until, 0, len(times) - 1)
+        return times[1:num_begun + 1]
 
     def predict(self, batch: SchedulerOutput) -> float:
         prefills, num_decodes, sum_context = summarize_batch(batch)
@@ -118,20 +118,6 @@ class ConstantLatency(LatencyModel):
     def decode_times(self, num_decodes: int, sum_decode_context: int, num_steps: int) -> list[float]:
         return [self.step_seconds] * num_steps
 
-    def decode_step_ends(self, start: float, num_decodes: int, sum_decode_context: int, num_steps: int,
-                         until: float) -> list[float]:
-        ends = []
-        t = start
-        step = self.step_seconds
-        for _ in range(num_steps):
-            if t >= until:
-                break
-            t = t + step
-            ends.append(t)
-            if t > until:
-                break
-        return ends
-
     def describe(self) -> dict:
         return {"name": self.name, "step_seconds": self.step_seconds}
 
@@ -152,6 +138,14 @@ DEFAULT_BANDWIDTH_EFFICIENCY = 0.80
 DEFAULT_STEP_OVERHEAD = 3e-3
 DEFAULT_ALLREDUCE_LATENCY = 10e-6
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# Decode durations are memoised for batches of up to this many decodes: at light load most
+# steps are such batches, and a lone request at context 1,000 is the same step on every
+# instance. A batch's steps walk its context sum in strides of its size, so a table holds a
+# window of one stride (one residue class), grown at either end as runs need it. Larger
+# batches seldom repeat a step; their durations are computed.
+MEMO_MAX_DECODES = 16
+MEMO_FILL_STEPS = 128  # a window grows upward by at least this many steps
+MEMO_MAX_STEPS = 1 << 14  # a window's widest (128 KiB of doubles); steps beyond it are computed
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context + allocator slack counted by vLLM's memory probe
 
 
@@ -210,6 +204,9 @@ class RooflineLatency(LatencyModel):
         self._s_lm_head_per_seq = 2.0 * head_params / flops
         self._s_lm_head_weights = head_params * db / bandwidth
         self._num_layers = model.num_layers
+        # Decode-step durations of small batches, by (batch size, context sum mod batch size):
+        # the same steps recur all the time (see MEMO_MAX_DECODES).
+        self._decode_memo: dict[tuple[int, int], _DurationWindow] = {}
 
     def _time(self, num_tokens: int, attention_pairs: int, kv_tokens_read: int, num_seqs: int) -> float:
         compute = num_tokens * self._s_per_token_flops + attention_pairs * self._s_per_pair
@@ -234,10 +231,25 @@ class RooflineLatency(LatencyModel):
         return self._time(num_decodes, sum_decode_context, sum_decode_context, num_decodes)
 
     def decode_times(self, num_decodes: int, sum_decode_context: int, num_steps: int) -> list[float]:
-        # `_time(b, s, s, b)` for each step with the terms that depend only on b
-        # hoisted: every operation and its order are unchanged, so the values are
-        # bit-identical (tests/sim/test_latency.py checks it).
-        b = num_decodes
+        b, s = num_decodes, sum_decode_context
+        if num_steps <= 0:
+            return []
+        if b <= MEMO_MAX_DECODES:
+            window = self._decode_memo.get((b, s % b))
+            if window is None:
+                window = self._decode_memo[b, s % b] = _DurationWindow(b, s, self._decode_durations)
+            durations = window.get(s, num_steps)
+            if durations is not None:
+                return durations
+        return self._decode_durations(b, range(s, s + num_steps * b, b))
+
+    def _decode_durations(self, b: int, sums: range) -> list[float]:
+        """`decode_time(b, s)` for each s in `sums`.
+
+        `_time(b, s, s, b)` with the terms that depend only on b hoisted: every
+        operation and its order are unchanged, so the values are bit-identical
+        (tests/sim/test_fast_path.py checks it).
+        """
         compute_b = b * self._s_per_token_flops
         s_pair = self._s_per_pair
         s_weights = self._s_weights
@@ -250,41 +262,12 @@ class RooflineLatency(LatencyModel):
         layers = self._num_layers
         overhead = self.step_overhead
         out = []
-        for s in range(sum_decode_context, sum_decode_context + num_steps * b, b):
+        for s in sums:
             compute = compute_b + s * s_pair
             memory = s_weights + (s + b) * s_kv + act_b
             layer = (compute if compute > memory else memory) + allreduce_b + allreduce_fixed
             out.append(layers * layer + head + overhead)
         return out
-
-    def decode_step_ends(self, start: float, num_decodes: int, sum_decode_context: int, num_steps: int,
-                         until: float) -> list[float]:
-        # `decode_times` fused with the clock: this loop is the simulator's innermost.
-        b = num_decodes
-        compute_b = b * self._s_per_token_flops
-        s_pair = self._s_per_pair
-        s_weights = self._s_weights
-        s_kv = self._s_per_kv_token
-        act_b = b * self._s_per_act_token
-        allreduce_b = b * self._s_allreduce_per_token
-        allreduce_fixed = self._s_allreduce_fixed
-        head_compute = b * self._s_lm_head_per_seq
-        head = head_compute if head_compute > self._s_lm_head_weights else self._s_lm_head_weights
-        layers = self._num_layers
-        overhead = self.step_overhead
-        ends = []
-        t = start
-        for s in range(sum_decode_context, sum_decode_context + num_steps * b, b):
-            if t >= until:
-                break
-            compute = compute_b + s * s_pair
-            memory = s_weights + (s + b) * s_kv + act_b
-            layer = (compute if compute > memory else memory) + allreduce_b + allreduce_fixed
-            t = t + (layers * layer + head + overhead)
-            ends.append(t)
-            if t > until:
-                break
-        return ends
 
     def kv_capacity_blocks(self, block_size: int, max_num_batched_tokens: int) -> int:
         return kv_capacity_blocks(self.gpu, self.model, block_size, self.gpu_memory_utilization, max_num_batched_tokens)
@@ -293,6 +276,42 @@ class RooflineLatency(LatencyModel):
         return {"name": self.name, "hardware": self.gpu.name, "model": self.model.name, "tp": self.model.tp,
                 "mfu": self.mfu, "bandwidth_efficiency": self.bandwidth_efficiency,
                 "step_overhead": self.step_overhead}
+
+
+class _DurationWindow:
+    """Memoised durations of the decode steps of b decodes at context sums lo, lo + b, lo + 2b, ...
+
+    `compute(b, sums)` gives the durations it lacks. It grows at either end as
+    runs ask for steps outside it (upward by at least MEMO_FILL_STEPS, since a
+    run's context keeps growing), up to MEMO_MAX_STEPS steps wide.
+    """
+
+    __slots__ = ("b", "lo", "durations", "compute")
+
+    def __init__(self, b: int, lo: int, compute: Callable[[int, range], list[float]]) -> None:
+        self.b = b
+        self.lo = lo
+        self.durations = array("d")
+        self.compute = compute
+
+    def get(self, s: int, num_steps: int) -> list[float] | None:
+        """Durations of `num_steps` steps from context sum `s` (in this stride), or None if too far out."""
+        b = self.b
+        lo = self.lo
+        end = lo + len(self.durations) * b
+        hi = s + num_steps * b
+        if s < lo or hi > end:
+            new_lo = min(s, lo)
+            new_end = max(hi, end + MEMO_FILL_STEPS * b) if hi > end else end
+            if (new_end - new_lo) // b > MEMO_MAX_STEPS:
+                return None
+            if new_lo < lo:
+                self.durations[:0] = array("d", self.compute(b, range(new_lo, lo, b)))
+                self.lo = lo = new_lo
+            if new_end > end:
+                self.durations.extend(self.compute(b, range(end, new_end, b)))
+        i = (s - lo) // b
+        return self.durations[i:i + num_steps].tolist()
 
 
 def activation_reserve_bytes(model: ModelSpec, max_num_batched_tokens: int) -> float:

@@ -223,6 +223,8 @@ class SimInstance:
         self.in_flight_result = None
         self.force_slow_step = False
         self.decode_run = None  # a suspended `Scheduler.decode_steps` coroutine
+        self.decode_progress = None  # the `DecodeRun` it yields
+        self.held_horizon: float | None = None  # the latest horizon not yet sent to it (see `_advance`)
         self.num_steps_reported = 0  # of the decode run, already added to engine.num_steps
         # Autoscaling: when it was ordered, came up, was drained, stopped.
         self.span = InstanceSpan(0.0, ready=0.0)
@@ -527,12 +529,13 @@ class Simulator:
         debug = self.config.debug
         while True:
             if inst.decode_run is not None:
-                run = inst.decode_run.send(until)
-                self._collect_decode_run(inst, run)
-                if not run.is_done:
+                if until < inst.decode_progress.quiet_until:
+                    # Nothing a load report or a handler can see changes by then: skip the
+                    # coroutine's round trip; the next horizon it is sent covers this one.
+                    inst.held_horizon = until
                     return
-                inst.decode_run = None
-                self._after_decode_run(inst, run)
+                if self._send_horizon(inst, until):
+                    return
                 continue
             batch = inst.in_flight_batch
             if batch is not None:
@@ -566,7 +569,7 @@ class Simulator:
                     self._after_decode_run(inst, run)
                 else:
                     inst.decode_run = scheduler.decode_steps(begin, inst.decode_step_ends, inst.executor.token_id)
-                    next(inst.decode_run)
+                    inst.decode_progress = next(inst.decode_run)
                     inst.num_steps_reported = 0
                     inst.next_begin = None
                 continue
@@ -579,6 +582,17 @@ class Simulator:
             inst.in_flight_result = result
             inst.in_flight_end = begin + result.elapsed
             inst.next_begin = None
+
+    def _send_horizon(self, inst: SimInstance, until: float) -> bool:
+        """Run the suspended decode run up to `until`; False if it ended there."""
+        run = inst.decode_run.send(until)
+        inst.held_horizon = None
+        self._collect_decode_run(inst, run)
+        if not run.is_done:
+            return True
+        inst.decode_run = None
+        self._after_decode_run(inst, run)
+        return False
 
     def _collect_decode_run(self, inst: SimInstance, run) -> None:
         if run.finished:
@@ -598,6 +612,11 @@ class Simulator:
 
     def _end_decode_run(self, inst: SimInstance) -> None:
         """End a suspended decode run before anything changes the instance's requests (see `decode_steps`)."""
+        if inst.decode_run is not None and inst.held_horizon is not None:
+            # Where the run stands must be as of the latest horizon, not the latest one sent.
+            horizon = inst.held_horizon
+            if not self._send_horizon(inst, horizon):
+                self._advance(inst, horizon)
         if inst.decode_run is not None:
             run = inst.decode_run.send(None)
             inst.decode_run = None

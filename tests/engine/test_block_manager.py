@@ -341,8 +341,11 @@ def _healthy() -> BlockManager:
 @pytest.mark.parametrize("corrupt", [
     pytest.param(lambda bm: bm.ref_counts.__setitem__(bm.block_ids("a")[0], 1), id="ref-count-too-low"),
     pytest.param(lambda bm: bm.ref_counts.__setitem__(bm.block_ids("a")[2], 2), id="ref-count-too-high"),
-    pytest.param(lambda bm: bm.free_block_ids.__setitem__(bm.block_ids("b")[2], None), id="used-block-in-free-list"),
-    pytest.param(lambda bm: bm.free_block_ids.popitem(), id="free-block-leaked"),
+    pytest.param(lambda bm: bm.free_unhashed_ids.append(bm.block_ids("b")[2]), id="used-block-in-free-list"),
+    pytest.param(lambda bm: bm.free_unhashed_ids.pop(), id="free-block-leaked"),
+    pytest.param(lambda bm: bm.free_unhashed_ids.append(bm.free_unhashed_ids[0]), id="free-block-twice"),
+    pytest.param(lambda bm: bm.free_cached_ids.__setitem__(bm.free_unhashed_ids.pop(), None),
+                 id="unhashed-block-among-cached"),
     pytest.param(lambda bm: bm.req_to_block_ids["b"].append(bm.block_ids("a")[2]), id="block-owned-twice"),
     pytest.param(lambda bm: bm.req_to_block_ids["a"].append(bm.block_ids("a")[0]), id="block-twice-in-a-table"),
     pytest.param(lambda bm: bm.hash_to_block_id.__setitem__(12345, bm.block_ids("a")[0]), id="hash-index-wrong-block"),

@@ -556,7 +556,10 @@ def _drop_last_block(s, r):
     bm = s.block_manager
     b = bm.req_to_block_ids[r.request_id].pop()
     bm.ref_counts[b] -= 1
-    bm.free_block_ids[b] = None
+    if bm.block_hashes[b] is None:
+        bm.free_unhashed_ids.append(b)
+    else:
+        bm.free_cached_ids[b] = None
     bm.check_invariants()
 
 

@@ -142,6 +142,19 @@ def test_bulk_decode_times_are_bit_identical_to_single_steps(latency):
         assert latency.decode_step_ends(1.25, size, context, 50, until - 1e-9) == ends[:21]  # last one in flight
 
 
+@pytest.mark.parametrize("max_steps", [None, 300])
+def test_memoised_decode_durations_match_single_steps_as_the_windows_grow(monkeypatch, max_steps):
+    if max_steps is not None:  # narrow windows: steps beyond them are computed, not looked up
+        monkeypatch.setattr("shunter.sim.latency.MEMO_MAX_STEPS", max_steps)
+        monkeypatch.setattr("shunter.sim.latency.MEMO_FILL_STEPS", 7)
+    memo, plain = roofline(), roofline()
+    rng = random.Random(3)
+    for _ in range(600):  # small batches hit the memo (growing windows at both ends), larger ones do not
+        size = rng.choice([1, 2, 5, 16, 17, 64])
+        context, n = rng.randint(size, size * 1000), rng.randint(0, 40)
+        assert memo.decode_times(size, context, n) == [plain.decode_time(size, context + i * size) for i in range(n)]
+
+
 # ---- Scheduler.run_decode_steps against schedule()/update() directly ----------------------------
 def _decoding_scheduler(**kw):
     sched = make_scheduler(**kw)
