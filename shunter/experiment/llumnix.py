@@ -47,6 +47,8 @@ POLICIES = ("rr", "infaas", "llumnix", "shunter")
 # SLOs are this multiple of the scenario's unloaded P50 (round robin at 1/8 of the load), as in
 # DistServe's SLO scaling; goodput is the highest rate at which 90 % of requests meet both.
 SLO_SCALE = 5.0
+# Scenarios with `sweep` also run at these fractions of their load: how the ratios change with load.
+SWEEP_FRACTIONS = (0.6, 0.8)
 # A load is over capacity when its median TTFT exceeds this multiple of the unloaded median.
 OVER_CAPACITY_TTFT_FACTOR = 1.5
 HIGH_PRIORITY_HEADROOM_FRACTION = 0.3
@@ -69,6 +71,7 @@ class Scenario:
     arrival: str | None = None  # for length-only traces: poisson or gamma
     cv: float | None = None
     goodput: bool = False  # also search each policy's goodput
+    sweep: bool = False  # also run every policy at SWEEP_FRACTIONS of the load
 
     def spec(self, rate: float, num_requests: int, seed: int, priority_fraction: float = 0.0) -> WorkloadSpec:
         return WorkloadSpec(self.trace, rate=rate, max_requests=num_requests, seed=seed, arrival=self.arrival,
@@ -77,7 +80,7 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("azure-conv", "(a) Azure conversation", "azure2023_conv", goodput=True),
+    Scenario("azure-conv", "(a) Azure conversation", "azure2023_conv", goodput=True, sweep=True),
     Scenario("azure-code", "(b) Azure code", "azure2023_code", goodput=True),
     Scenario("sharegpt-poisson", "(c) ShareGPT lengths, Poisson arrivals", "sharegpt", "poisson"),
     Scenario("sharegpt-gamma-2", "(c) ShareGPT lengths, Gamma arrivals CV 2", "sharegpt", "gamma", 2.0),
@@ -252,7 +255,8 @@ def plan_size(sizes: Sizes, scenarios: tuple[Scenario, ...] = SCENARIOS) -> int:
     """Roughly how many simulations `run_experiment` makes (for a progress bar)."""
     search = 5 + sizes.search_steps
     goodput_scenarios = sum(1 for s in scenarios if s.goodput)
-    return len(scenarios) * (search + len(POLICIES)) + goodput_scenarios * (1 + 2 * sizes.goodput_runs) + 2 + 2 * len(AUTOSCALE_LOAD_FRACTIONS)
+    sweeps = sum(len(SWEEP_FRACTIONS) for s in scenarios if s.sweep)
+    return sweeps + len(scenarios) * (search + len(POLICIES)) + goodput_scenarios * (1 + 2 * sizes.goodput_runs) + 2 + 2 * len(AUTOSCALE_LOAD_FRACTIONS)
 
 
 def run_experiment(sizes: Sizes, seed: int = 0, tick: Callable[[], None] = lambda: None,
@@ -272,6 +276,13 @@ def run_experiment(sizes: Sizes, seed: int = 0, tick: Callable[[], None] = lambd
             rows[name] = row(testbed.run(workload, bundle(name), seed), len(workload))
             tick()
         entry = {"title": scenario.title, "rate": search.rate, "load_search": search.tried, "policies": rows}
+        if scenario.sweep:
+            entry["sweep"] = []
+            for fraction in SWEEP_FRACTIONS:
+                swept = load_workload(scenario.spec(search.rate * fraction, sizes.num_requests, seed))
+                entry["sweep"].append({"fraction": fraction, "rate": search.rate * fraction, "policies": {
+                    name: row(testbed.run(swept, bundle(name), seed), len(swept)) for name in POLICIES}})
+                tick()
         if scenario.goodput:
             slos = unloaded_slos(scenario, testbed, search.rate, sizes, seed)
             tick()

@@ -46,6 +46,15 @@ def render_markdown(results: dict) -> str:
                       f"mean {_ratio(p['rr']['ttft_mean'], p['llumnix']['ttft_mean'])}; "
                       f"Shunter vs Llumnix P99 TTFT {_ratio(p['llumnix']['ttft_p99'], p['shunter']['ttft_p99'])}, "
                       f"P99 TPOT {_ratio(p['shunter']['tpot_p99'], p['llumnix']['tpot_p99'])} of Llumnix's."]
+        if "sweep" in sc:
+            lines += ["", "The same at lower loads (P99 TTFT in seconds; ratios as above):", "",
+                      "| load (req/s) | round robin | INFaaS++ | Llumnix | Shunter | Llumnix vs RR | Shunter vs Llumnix |",
+                      "|---:|---:|---:|---:|---:|---:|---:|"]
+            for point in sc["sweep"] + [{"rate": sc["rate"], "policies": p}]:
+                q = point["policies"]
+                lines.append(f"| {point['rate']:.2f} | " + " | ".join(_s(q[n]["ttft_p99"]) for n in q) +
+                             f" | {_ratio(q['rr']['ttft_p99'], q['llumnix']['ttft_p99'])} | "
+                             f"{_ratio(q['llumnix']['ttft_p99'], q['shunter']['ttft_p99'])} |")
         if "goodput" in sc:
             g = sc["goodput"]
             slos = sc["slos"]

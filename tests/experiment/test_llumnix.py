@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -24,7 +25,7 @@ def test_over_capacity_means_the_typical_request_queues():
 
 def test_a_tiny_run_finds_a_load_round_robin_keeps_up_with_and_runs_every_policy():
     sizes = llumnix.Sizes(num_requests=150, search_steps=2, goodput_runs=2)
-    scenario = llumnix.SCENARIOS[2]  # ShareGPT lengths, Poisson
+    scenario = dataclasses.replace(llumnix.SCENARIOS[2], sweep=True)  # ShareGPT lengths, Poisson
     ticks = []
     out = llumnix.run_experiment(sizes, seed=1, tick=lambda: ticks.append(1), scenarios=(scenario,))
     entry = out["scenarios"][scenario.key]
@@ -37,8 +38,11 @@ def test_a_tiny_run_finds_a_load_round_robin_keeps_up_with_and_runs_every_policy
     for row in entry["policies"].values():
         assert row["completed"] == row["requests"] == 150
     assert len(ticks) <= llumnix.plan_size(sizes, (scenario,))
+    assert [p["rate"] for p in entry["sweep"]] == [entry["rate"] * f for f in llumnix.SWEEP_FRACTIONS]
+    assert all(set(p["policies"]) == set(llumnix.POLICIES) for p in entry["sweep"])
     text = render_markdown(out)
     assert scenario.title in text and "| Shunter |" in text and "Llumnix vs round robin P99 TTFT" in text
+    assert "The same at lower loads" in text
 
 
 def test_same_seed_same_figures():
