@@ -17,7 +17,8 @@ Adding a policy is one function plus its `@SCALING.register(...)` line.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from shunter.cluster.load import LoadConfig
@@ -36,6 +37,11 @@ DEFAULT_SUSTAIN = 10.0  # seconds a signal must hold before the policy acts
 DEFAULT_COOLDOWN = 20.0  # seconds after an action before the next one
 DEFAULT_STARTUP_DELAY = 30.0  # seconds from ordering an instance to its first request (weights, warm-up)
 DEFAULT_INTERVAL = 1.0  # seconds between decisions
+# The `shunter` policy: size the fleet so that the KV demand fills this fraction of it. Queues form on
+# Azure conversation (A10, llama-2-7b) once the cluster's usage passes ~0.9; the gap is the demand that
+# can arrive while a new instance starts up.
+DEFAULT_TARGET_USAGE = 0.7
+DEFAULT_SCALE_DOWN_WINDOW = 120.0  # seconds: drain only below the peak need of this long a window
 
 
 @dataclass
@@ -56,6 +62,10 @@ class ScalingConfig:
     startup_delay: seconds from ordering an instance until it takes requests;
         it is paid for from the order on.
     interval: seconds between decisions.
+    target_usage: (`shunter` policy) the fraction of the fleet's KV blocks the
+        demand should fill; the rest is headroom for what arrives during a start-up.
+    scale_down_window: (`shunter` policy) seconds of history whose peak need
+        the fleet keeps: it shrinks only once a lull has lasted this long.
     """
 
     min_instances: int = 1
@@ -67,6 +77,8 @@ class ScalingConfig:
     cooldown: float = DEFAULT_COOLDOWN
     startup_delay: float = DEFAULT_STARTUP_DELAY
     interval: float = DEFAULT_INTERVAL
+    target_usage: float = DEFAULT_TARGET_USAGE
+    scale_down_window: float = DEFAULT_SCALE_DOWN_WINDOW
 
     def __post_init__(self) -> None:
         for name in ("min_instances", "max_instances"):
@@ -82,7 +94,9 @@ class ScalingConfig:
         if not self.scale_down_freeness > self.scale_up_freeness:
             raise ValueError(f"the scale-down freeness ({self.scale_down_freeness!r}) must exceed the scale-up "
                              f"freeness ({self.scale_up_freeness!r})")
-        for name in ("sustain", "cooldown", "startup_delay"):
+        if not 0 < self.target_usage <= 1:
+            raise ValueError(f"target_usage must lie in (0, 1], got {self.target_usage!r}")
+        for name in ("sustain", "cooldown", "startup_delay", "scale_down_window"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
@@ -117,11 +131,16 @@ class ScalingState:
     up_since, down_since: when the current streak of the scale-up (-down)
         signal began; None when the signal is off.
     last_action_time: when the policy last acted.
+    needs: (time, instances needed) of the recent decisions, oldest first,
+        kept for one scale-down window (`shunter` policy).
+    first_time: the time of the first decision (`shunter` policy).
     """
 
     up_since: float | None = None
     down_since: float | None = None
     last_action_time: float = -INF
+    needs: deque[tuple[float, int]] = field(default_factory=deque)
+    first_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,3 +285,52 @@ def _num_to_add(view: ClusterView, load: LoadConfig, target: float) -> int:
     freeness = cluster_freeness(view, load)
     # (capacity + k·mean − usage) / requests >= target  <=>  k >= (target − freeness) · requests / mean
     return max(1, math.ceil((target - freeness) * num_requests / mean_capacity - 1e-9))
+
+
+def demand_blocks(view: ClusterView, load: LoadConfig) -> float:
+    """The KV blocks the cluster's requests hold or wait for: used + every waiting request's + headroom,
+    over every instance, draining ones included (their requests are about to land on the others)."""
+    return sum(r.num_used_blocks + r.waiting_block_demand + load.headroom(r) for r in view.reports)
+
+
+@SCALING.register("shunter")
+def demand_scaling(view: ClusterView, cfg: ScalingConfig, load: LoadConfig, state: ScalingState) -> ScalingAction:
+    """Size the fleet from the KV demand: up at once by as many as needed, down slowly, one at a time.
+
+    The need is the fewest instances (at the serving ones' mean capacity)
+    whose blocks the demand (`demand_blocks`) fills to `target_usage`.
+    Scale up as soon as the need exceeds the instances serving or starting,
+    by the difference at once, within `max_instances` provisioned: a
+    start-up takes `startup_delay`, so waiting for a signal to hold only
+    lets a queue build. Scale down only when the peak need over the last
+    `scale_down_window` seconds is below the instances serving (and none is
+    starting): a lull must last before it shrinks the fleet, since the
+    demand that comes back after a short one would find it too small for a
+    whole start-up. Drain the emptiest serving instance, one per `cooldown`
+    seconds, never below `min_instances` serving. No drain before one window
+    of history has been seen.
+    """
+    now = view.now
+    if state.first_time is None:
+        state.first_time = now
+    serving = [r.num_total_blocks for r, d in zip(view.reports, view.is_draining) if not d]
+    num_serving = len(serving)
+    num_draining = len(view.reports) - num_serving
+    mean_capacity = sum(serving) / num_serving if serving else 0
+    freeness = cluster_freeness(view, load)
+    if not mean_capacity:
+        return ScalingAction(freeness=freeness)
+    need = max(cfg.min_instances, math.ceil(demand_blocks(view, load) / (cfg.target_usage * mean_capacity) - 1e-9))
+    state.needs.append((now, need))
+    while state.needs and state.needs[0][0] < now - cfg.scale_down_window:
+        state.needs.popleft()
+    room = cfg.max_instances - (num_serving + view.num_starting + num_draining)
+    if need > num_serving + view.num_starting and room > 0:
+        state.last_action_time = now
+        return ScalingAction(num_add=min(room, need - num_serving - view.num_starting), freeness=freeness)
+    peak = max(n for _, n in state.needs)
+    if (now - state.first_time >= cfg.scale_down_window and now - state.last_action_time >= cfg.cooldown
+            and view.num_starting == 0 and peak < num_serving and num_serving - 1 >= cfg.min_instances):
+        state.last_action_time = now
+        return ScalingAction(drain_id=view.reports[emptiest(view)].instance_id, freeness=freeness)
+    return ScalingAction(freeness=freeness)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shunter.cluster.scaling import DEFAULT_SCALE_DOWN_FREENESS, DEFAULT_SCALE_UP_FREENESS, DEFAULT_STARTUP_DELAY
+from shunter.cluster.scaling import (
+    DEFAULT_SCALE_DOWN_FREENESS, DEFAULT_SCALE_UP_FREENESS, DEFAULT_STARTUP_DELAY, SCALING,
+)
 from shunter.errors import one_line_error
 
 DEFAULT_HARDWARE = "a100-80gb"
@@ -70,6 +72,8 @@ def register(subparsers) -> None:
     sc = p.add_argument_group("autoscaling (the cluster's freeness: decode steps left per request, memory pooled)")
     sc.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                     help="add and drain instances, keeping between MIN and MAX (default: a fixed --instances)")
+    sc.add_argument("--scaling-policy", default=None, metavar="NAME",
+                    help="the scaling policy: " + ", ".join(SCALING.names()) + " (default freeness)")
     sc.add_argument("--scale-up-freeness", type=float, default=None,
                     help=f"add instances when the freeness stays below this (default {DEFAULT_SCALE_UP_FREENESS:g})")
     sc.add_argument("--scale-down-freeness", type=float, default=None,
@@ -258,7 +262,7 @@ def scaling_config(args: argparse.Namespace):
     from shunter.cluster.scaling import ScalingConfig
 
     flags = {"--scale-up-freeness": args.scale_up_freeness, "--scale-down-freeness": args.scale_down_freeness,
-             "--startup-delay": args.startup_delay}
+             "--startup-delay": args.startup_delay, "--scaling-policy": args.scaling_policy}
     if args.autoscale is None:
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
@@ -281,7 +285,8 @@ def scaling_config(args: argparse.Namespace):
     down = DEFAULT_SCALE_DOWN_FREENESS if args.scale_down_freeness is None else args.scale_down_freeness
     if not down > up:
         raise ValueError(f"--scale-down-freeness ({down:g}) must exceed --scale-up-freeness ({up:g})")
-    return ScalingConfig(min_instances=low, max_instances=high, scale_up_freeness=up, scale_down_freeness=down,
+    return ScalingConfig(min_instances=low, max_instances=high, policy=args.scaling_policy or "freeness",
+                         scale_up_freeness=up, scale_down_freeness=down,
                          startup_delay=DEFAULT_STARTUP_DELAY if args.startup_delay is None else args.startup_delay)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,8 @@ from shunter.cluster.instance import InProcessInstance
 from shunter.cluster.load import LoadConfig
 from shunter.cluster.policies import catalog
 from shunter.cluster.scaling import (
-    SCALING, ClusterView, ScalingAction, ScalingConfig, ScalingState, cluster_freeness, emptiest, freeness_scaling,
+    SCALING, ClusterView, ScalingAction, ScalingConfig, ScalingState, cluster_freeness, demand_blocks, demand_scaling,
+    emptiest, freeness_scaling,
 )
 from tests.cluster.reports import report
 from tests.factories import make_engine, make_request
@@ -207,7 +209,72 @@ def test_config_is_validated_with_the_values_named():
 
 def test_registered_and_listed():
     assert SCALING.get("freeness") is freeness_scaling
+    assert SCALING.get("shunter") is demand_scaling
     assert catalog()["scaling"] is SCALING
+
+
+# ---- the demand policy (`shunter`) ---------------------------------------------------------------
+DEMAND = ScalingConfig(1, 8, policy="shunter", target_usage=0.5, scale_down_window=60.0, cooldown=10.0)
+
+
+def demand_decide(cfg, reports, times, state=None, **kw):
+    state = state if state is not None else ScalingState()
+    return [demand_scaling(view(reports, now=t, **kw), cfg, NO_HEADROOM, state) for t in times], state
+
+
+def test_demand_counts_used_waiting_and_headroom_blocks_on_every_instance():
+    a = report("0", used=60, total=100, running=2, waiting=1, waiting_demand=15, priorities={1: 1})
+    b = report("1", used=30, total=100, running=1)
+    assert demand_blocks(view([a, b], draining={"1"}), LoadConfig({1: 20})) == 60 + 15 + 20 + 30
+
+
+def test_scales_up_at_once_by_the_whole_shortfall_counting_starting_instances():
+    # 150 blocks of demand over 100-block instances at 50 % usage: 3 needed.
+    reports = [busy("0", used=80), light("1", used=70)]
+    (action,), _ = demand_decide(DEMAND, reports, [0.0])
+    assert action.num_add == 1
+    (action,), _ = demand_decide(DEMAND, [busy("0", used=100, waiting=2, demand=200), light("1", used=100)], [0.0])
+    assert action.num_add == 6  # 400 blocks: 8 needed, 2 serve
+    (action,), _ = demand_decide(DEMAND, reports, [0.0], starting=1)
+    assert action.is_noop  # the one starting covers it
+
+
+def test_scale_up_stops_at_max_provisioned_draining_included():
+    reports = [busy("0", used=100, waiting=2, demand=200), light("1", used=100), idle("2")]
+    (action,), _ = demand_decide(ScalingConfig(1, 5, policy="shunter", target_usage=0.5), reports, [0.0],
+                                 draining={"2"}, starting=1)
+    assert action.num_add == 1
+
+
+def test_drains_only_after_a_whole_window_below_the_fleet_one_per_cooldown():
+    reports = [light("0", used=10), light("1", used=10), idle("2"), idle("3")]  # 20 blocks: 1 needed, 4 serve
+    actions, state = demand_decide(DEMAND, reports, [0.0, 30.0, 59.0, 60.0, 65.0, 70.0])
+    assert [a.drain_id for a in actions] == [None, None, None, "3", None, "3"]  # the same view: still "3"
+
+
+def test_a_peak_inside_the_window_keeps_the_fleet():
+    cfg = dataclasses.replace(DEMAND, max_instances=4)
+    quiet = [light("0", used=10), light("1", used=10), idle("2"), idle("3")]
+    loud = [busy("0", used=100), busy("1", used=100), idle("2"), idle("3")]  # 200 blocks: all 4 needed
+    state = ScalingState()
+    demand_decide(cfg, loud, [0.0], state)
+    actions, _ = demand_decide(cfg, quiet, [30.0, 60.0, 61.0], state)
+    assert [a.drain_id for a in actions] == [None, None, "3"]  # the peak at 0 leaves the window after 60
+
+
+def test_never_drains_below_min_nor_while_instances_start():
+    reports = [light("0", used=1), idle("1")]
+    actions, _ = demand_decide(dataclasses.replace(DEMAND, min_instances=2), reports, [0.0, 100.0])
+    assert all(a.is_noop for a in actions)
+    actions, _ = demand_decide(DEMAND, reports, [0.0, 100.0], starting=1)
+    assert all(a.is_noop for a in actions)
+
+
+def test_demand_config_is_validated():
+    with pytest.raises(ValueError, match="target_usage must lie in"):
+        ScalingConfig(policy="shunter", target_usage=1.5)
+    with pytest.raises(ValueError, match="scale_down_window must be >= 0"):
+        ScalingConfig(policy="shunter", scale_down_window=-1.0)
 
 
 # ---- through the global scheduler ------------------------------------------------------------------

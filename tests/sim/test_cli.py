@@ -50,6 +50,8 @@ def _error_line(capsys, argv):
     (["--autoscale", "1:4", "--scale-up-freeness", "70"], "--scale-down-freeness (60) must exceed --scale-up-freeness (70)"),
     (["--autoscale", "1:4", "--scale-up-freeness", "x"], "invalid float value: 'x'"),
     (["--scale-down-freeness", "90"], "--scale-down-freeness needs --autoscale MIN:MAX"),
+    (["--scaling-policy", "shunter"], "--scaling-policy needs --autoscale MIN:MAX"),
+    (["--autoscale", "1:4", "--scaling-policy", "hunch"], "unknown scaling policy 'hunch'; choose from: freeness, shunter"),
     (["--policy", "fast"], "unknown policy bundle 'fast'; choose from: rr, infaas, llumnix, shunter"),
     (["--migration", "teleport"], "unknown migration policy 'teleport'; choose from: none, llumnix, shunter"),
     (["--link", "carrier"], "unknown link 'carrier'; choose from: pcie-gen4"),
