@@ -6,22 +6,8 @@
 The built-in model runs in-process (`InstanceEngine` + `ModelExecutor`, the
 scheduler limits of `profiler.engine_scheduler_config`, the same as `shunter
 bench fidelity`). Every measured batch is built by the real scheduler from
-requests with chosen prompt lengths, never by hand:
-
-1. decode grid: for each context length C, B_max requests with C-token prompts
-   are prefilled together (the "fill": chunked prefill mixed with the decodes
-   of requests already filled); then, shrinking the batch by aborting
-   requests, decode-only steps at each batch size B;
-2. mixed steps: at a few of those batch sizes, a fresh request of n prompt
-   tokens joins, so the step is B decodes plus one n-token prefill chunk;
-3. prefill grid: one chunk of n tokens after a cached prefix of o tokens (a
-   request whose first o tokens hit the prefix cache), for a few n and o.
-
-A step's `seconds` is its whole wall time, schedule + execute + update
-(`begin_step` to the end of `end_step`): that is what the simulator's clock
-must advance per step. Each grid point is repeated and its mean kept; the
-fill steps (measured once each) are not fitted but reported as held-out
-steps, to show how the fit does on steps it has not seen.
+requests with chosen prompt lengths, never by hand: the grid and what a step's
+time covers are described in `shunter/profiling/profiler.py`.
 
 Other processes: torch runs one thread per core, so a neighbour that takes a
 core for a moment stalls every thread at the next barrier and a step can run
