@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     sc.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                     help="add and drain instances, keeping between MIN and MAX (default: a fixed --instances)")
     sc.add_argument("--scaling-policy", default=None, metavar="NAME",
-                    help="the scaling policy: " + ", ".join(SCALING.names()) + " (default freeness)")
+                    help="the scaling policy: " + ", ".join(SCALING.names()) + " (default: shunter with --policy shunter, else freeness)")
     sc.add_argument("--scale-up-freeness", type=float, default=None,
                     help=f"add instances when the freeness stays below this (default {DEFAULT_SCALE_UP_FREENESS:g})")
     sc.add_argument("--scale-down-freeness", type=float, default=None,
@@ -285,7 +285,9 @@ def scaling_config(args: argparse.Namespace):
     down = DEFAULT_SCALE_DOWN_FREENESS if args.scale_down_freeness is None else args.scale_down_freeness
     if not down > up:
         raise ValueError(f"--scale-down-freeness ({down:g}) must exceed --scale-up-freeness ({up:g})")
-    return ScalingConfig(min_instances=low, max_instances=high, policy=args.scaling_policy or "freeness",
+    # Without --scaling-policy, Shunter's bundle scales with Shunter's policy, the others with Llumnix-style freeness.
+    default_policy = "shunter" if args.policy == "shunter" else "freeness"
+    return ScalingConfig(min_instances=low, max_instances=high, policy=args.scaling_policy or default_policy,
                          scale_up_freeness=up, scale_down_freeness=down,
                          startup_delay=DEFAULT_STARTUP_DELAY if args.startup_delay is None else args.startup_delay)
 

@@ -192,3 +192,15 @@ def test_policy_bundle_migrates_and_the_report_says_which_policies_ran(tmp_path,
     assert report["config"]["link"] == "pcie-gen4"
     assert main(argv) == 0
     assert json.loads(out.read_text())["migrations"] == report["migrations"]  # same seed, same run
+
+
+def test_the_shunter_bundle_scales_with_the_shunter_scaling_policy_unless_told_otherwise(tmp_path):
+    out = tmp_path / "run.json"
+    base = ["simulate", "--trace", "azure2023_conv", "--max-requests", "200", "--rate", "4", "--hardware", "a10",
+            "--autoscale", "1:4", "--instances", "2", "--quiet", "--json", str(out)]
+    assert main([*base, "--policy", "shunter"]) == 0
+    assert json.loads(out.read_text())["config"]["policies"]["scaling"]["policy"] == "shunter"
+    assert main([*base, "--policy", "shunter", "--scaling-policy", "freeness"]) == 0
+    assert json.loads(out.read_text())["config"]["policies"]["scaling"]["policy"] == "freeness"
+    assert main([*base, "--policy", "llumnix"]) == 0
+    assert json.loads(out.read_text())["config"]["policies"]["scaling"]["policy"] == "freeness"
