@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shunter.cli import main
+from shunter.cli import build_parser, main
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -39,3 +39,10 @@ def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "shunter", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("generate", "bench"):
         assert command in out
+
+
+def test_every_model_command_defaults_to_dtype_auto():
+    """A host without native bfloat16 runs it emulated, ~10x slower: no command may assume it."""
+    parser = build_parser()
+    for argv in (["generate", "hi"], ["bench", "engine"], ["profile", "--json", "x.json"]):
+        assert parser.parse_args(argv).dtype == "auto", argv

@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--requests", type=int, default=64, help="number of requests (default 64)")
     p.add_argument("--context", type=int, default=1024,
                    help="the trace's longest request is scaled to this many tokens (default 1024)")
-    p.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 where the CPU has native bfloat16 (AVX512-BF16/AMX) or on CUDA, else float32")
     p.add_argument("--threads", type=int, default=2, help="torch threads for both engines (default 2)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="Shunter's batch size limit")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="Shunter's per-step token budget")
