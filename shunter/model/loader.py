@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from shunter.model import converted
 from shunter.model.llama import ATTENTION_BACKENDS, LayerWeights, LlamaModel, ModelConfig
 from shunter.model.tokenizer import Tokenizer
 
@@ -53,7 +54,7 @@ def load_weights(
     """Load `model` (None: the built-in SmolLM2-135M-Instruct) as a `LlamaModel`, its config and tokenizer.
 
     model: None, a local Hugging Face directory (config.json + *.safetensors),
-        or a .gguf file.
+        or a .gguf file (converted once into a cached directory: `converted.py`).
     dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else
         float32), "float32" or "bfloat16".
     device: "cpu", "cuda", "cuda:N"; None picks CUDA when available.
@@ -65,10 +66,18 @@ def load_weights(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = resolve_source(model)
+    cache = None
+    if source.gguf_file:
+        # A GGUF file is converted once (see converted.py); later loads read the plain directory.
+        cache = converted.converted_dir(source.directory / source.gguf_file)
+        if converted.is_complete(cache):
+            source, cache = ModelSource(cache, None), None
     hf_model = load_hf_model(source, torch_dtype)
-    tokenizer = Tokenizer(load_hf_tokenizer(source))
+    hf_tokenizer = load_hf_tokenizer(source)
+    if cache is not None:
+        converted.save_converted(cache, hf_model, hf_tokenizer)
     ours = model_from_hf(hf_model, torch_dtype, torch_device, attention_backend)
-    return LoadedModel(ours, ours.config, tokenizer)
+    return LoadedModel(ours, ours.config, Tokenizer(hf_tokenizer))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
