@@ -187,13 +187,20 @@ class LlamaModel:
         """A zeroed KV cache for `num_blocks` blocks of `block_size` tokens.
 
         Zeroed, not empty: padded decode slots are masked out, but a masked
-        NaN from uninitialised memory would still poison the softmax sum.
+        NaN from uninitialised memory would still poison the softmax sum. On
+        CPU the zeros come from calloc (numpy), whose fresh pages the OS hands
+        out already zero and untouched, so a cache of gigabytes costs nothing
+        until it is written, instead of seconds of filling.
         """
         c = self.config
-        return torch.zeros(
-            c.num_layers, num_blocks, block_size, 2 * c.num_kv_heads, c.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        shape = (c.num_layers, num_blocks, block_size, 2 * c.num_kv_heads, c.head_dim)
+        if self.device.type != "cpu":
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        import numpy as np
+
+        # Same-width integer zeros, reinterpreted: all-zero bits are 0.0 in every float format.
+        raw = np.zeros(shape, dtype={2: np.uint16, 4: np.uint32}[self.dtype.itemsize])
+        return torch.from_numpy(raw).view(self.dtype)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, kv_cache: torch.Tensor) -> torch.Tensor:
