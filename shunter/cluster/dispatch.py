@@ -164,10 +164,10 @@ def ttft_within_memory(reports: Sequence[LoadReport], request: Request, ctx: Dis
     does, the smallest KV demand (INFaaS++). Time-to-first-token is prefill queueing, which KV demand
     alone misses (a long prompt costs more prefill than its blocks suggest); memory-blind TTFT
     ranking alone piles decodes up until they preempt each other."""
-    blocks = request.num_tokens / (reports[0].block_size or 1)
     fits: list[int] = []
     ttfts: list[float] = []
     for i, r in enumerate(reports):
+        blocks = request.num_tokens / r.block_size  # instances may differ in block size
         demand = (r.num_used_blocks + r.waiting_block_demand + blocks + ctx.load.headroom(r)) / r.num_total_blocks
         if demand <= 1.0 - ctx.memory_reserve:
             fits.append(i)
