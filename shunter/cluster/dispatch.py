@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from shunter.cluster.load import LoadConfig, argmax, argmin, freeness
+from shunter.cluster.load import LoadConfig, argmax, argmin, freeness, kv_demand_blocks
 from shunter.engine import LoadReport
 from shunter.registry import Registry
 from shunter.request import Request
@@ -168,7 +168,7 @@ def ttft_within_memory(reports: Sequence[LoadReport], request: Request, ctx: Dis
     ttfts: list[float] = []
     for i, r in enumerate(reports):
         blocks = request.num_tokens / r.block_size  # instances may differ in block size
-        demand = (r.num_used_blocks + r.waiting_block_demand + blocks + ctx.load.headroom(r)) / r.num_total_blocks
+        demand = (kv_demand_blocks(r, ctx.load) + blocks) / r.num_total_blocks
         if demand <= 1.0 - ctx.memory_reserve:
             fits.append(i)
             ttfts.append(predicted_ttft(r, request.num_tokens, ctx))

@@ -53,6 +53,12 @@ class LoadConfig:
         return sum(self.priority_headroom.get(p, 0) for p in report.priority_to_num_running)
 
 
+def kv_demand_blocks(report: LoadReport, config: LoadConfig) -> int:
+    """Blocks an instance's requests hold or wait for: used (reservations included), every waiting
+    request's blocks (not only the head of line's, as in virtual usage) and priority headroom."""
+    return report.num_used_blocks + report.waiting_block_demand + config.headroom(report)
+
+
 def virtual_usage(report: LoadReport, config: LoadConfig, is_draining: bool = False) -> float:
     """ΣV of an instance, in blocks (+∞ when draining)."""
     if is_draining:

@@ -145,22 +145,17 @@ def _has_movable(x: InstanceLoad) -> bool:
     return r.num_running - r.num_migrating > 0 or r.num_waiting > 0
 
 
-def _movable(candidates: Sequence[MigrationCandidate], move_waiting: bool) -> tuple[list, list]:
-    running = [c for c in candidates if not c.is_waiting and c.priority <= NORMAL_PRIORITY]
-    waiting = [c for c in candidates if c.is_waiting and c.priority <= NORMAL_PRIORITY] if move_waiting else []
-    return running, waiting
-
-
-def _select(candidates, move_waiting, key) -> MigrationCandidate | None:
-    running, waiting = _movable(candidates, move_waiting)
-    if waiting:  # no KV to copy: the cheapest move, and it cuts queueing at once (the head of line first)
-        return waiting[0]
-    return min(running, key=key, default=None)
-
-
 def head_of_line(candidates: Sequence[MigrationCandidate]) -> MigrationCandidate | None:
     """The first queued normal-priority request (queued pairs of the `shunter` policy)."""
     return next((c for c in candidates if c.is_waiting and c.priority <= NORMAL_PRIORITY), None)
+
+
+def _select(candidates, move_waiting, key) -> MigrationCandidate | None:
+    if move_waiting:  # no KV to copy: the cheapest move, and it cuts queueing at once (the head of line first)
+        head = head_of_line(candidates)
+        if head is not None:
+            return head
+    return min((c for c in candidates if not c.is_waiting and c.priority <= NORMAL_PRIORITY), key=key, default=None)
 
 
 @MIGRATION_SELECTION.register("shortest")

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from shunter.cluster.load import LoadConfig
+from shunter.cluster.load import LoadConfig, kv_demand_blocks
 from shunter.registry import Registry
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ def cluster_freeness(view: ClusterView, load: LoadConfig, without: int | None = 
             serving_capacity += r.num_total_blocks
             if i != without:
                 capacity += r.num_total_blocks
-        usage += r.num_used_blocks + r.waiting_block_demand + load.headroom(r)
+        usage += kv_demand_blocks(r, load)
         num_requests += r.num_running + r.num_waiting
     if num_serving:
         capacity += view.num_starting * serving_capacity / num_serving
@@ -290,7 +290,7 @@ def _num_to_add(view: ClusterView, load: LoadConfig, target: float) -> int:
 def demand_blocks(view: ClusterView, load: LoadConfig) -> float:
     """The KV blocks the cluster's requests hold or wait for: used + every waiting request's + headroom,
     over every instance, draining ones included (their requests are about to land on the others)."""
-    return sum(r.num_used_blocks + r.waiting_block_demand + load.headroom(r) for r in view.reports)
+    return sum(kv_demand_blocks(r, load) for r in view.reports)
 
 
 @SCALING.register("shunter")

@@ -159,8 +159,7 @@ class Scheduler(DecodeRunsMixin):
     # ---- admission and removal -----------------------------------------
     def add_request(self, request: Request) -> None:
         """Queue a new request; ValueError if it could never run here (nothing is allocated then)."""
-        if request.request_id in self.requests or (
-                self.incoming and any(m.request_id == request.request_id for m in self.incoming.values())):
+        if self._is_known(request.request_id):
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.validate_request(request)
         request.status = RequestStatus.WAITING
@@ -169,21 +168,29 @@ class Scheduler(DecodeRunsMixin):
 
     def validate_request(self, request: Request) -> None:
         """Raise ValueError if the request cannot fit this instance's context or KV capacity."""
-        cfg = self.config
         request.sampling_params.validate()  # the dataclass may have been changed since it was built
-        if request.num_tokens >= cfg.max_model_len:
-            raise ValueError(
-                f"request {request.request_id!r}: prompt of {request.num_tokens} tokens does not fit the "
-                f"model's context of {cfg.max_model_len} tokens (at least one output token is needed)"
-            )
+        problem = self._fit_problem(request.request_id, request.num_tokens,
+                                    request.num_prompt_tokens + request.sampling_params.max_tokens)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _fit_problem(self, request_id: str, num_tokens: int, max_num_tokens: int) -> str | None:
+        """Why a request of `num_tokens` tokens (`max_num_tokens` at its longest) can never run here, or None."""
+        cfg = self.config
+        if num_tokens >= cfg.max_model_len:
+            return (f"request {request_id!r}: prompt of {num_tokens} tokens does not fit the "
+                    f"model's context of {cfg.max_model_len} tokens (at least one output token is needed)")
         # KV for all its tokens but the last sampled one, at its longest: a request that could
         # outgrow the instance would end up preempting itself forever, wedging the queue behind it.
-        max_len = min(request.num_prompt_tokens + request.sampling_params.max_tokens, cfg.max_model_len)
-        needed = cdiv(max(request.num_tokens + 1, max_len - 1), cfg.block_size)
+        needed = cdiv(max(num_tokens + 1, min(max_num_tokens, cfg.max_model_len) - 1), cfg.block_size)
         if needed > cfg.num_blocks:
-            raise ValueError(
-                f"request {request.request_id!r}: needs {needed} KV blocks, more than this instance's {cfg.num_blocks}"
-            )
+            return f"request {request_id!r}: needs {needed} KV blocks, more than this instance's {cfg.num_blocks}"
+        return None
+
+    def _is_known(self, request_id: str) -> bool:
+        """Live here, or the request of a migration coming in."""
+        return request_id in self.requests or (
+            bool(self.incoming) and any(m.request_id == request_id for m in self.incoming.values()))
 
     def abort(self, request_id: str, now: float) -> TokenDelta | None:
         """Abort a request in any state, freeing all it holds; returns its closing delta."""
@@ -439,13 +446,11 @@ class Scheduler(DecodeRunsMixin):
         `add_request` plus, for a request that will run at once (`needs_seat`), the batch limit,
         counting the migrations already coming in."""
         cfg = self.config
-        if request_id in self.requests or any(m.request_id == request_id for m in self.incoming.values()):
+        if self._is_known(request_id):
             return f"request {request_id!r} is already on the destination"
-        if num_tokens >= cfg.max_model_len:
-            return f"its {num_tokens} tokens do not fit the destination's context of {cfg.max_model_len}"
-        needed = cdiv(max(num_tokens + 1, min(max_num_tokens, cfg.max_model_len) - 1), cfg.block_size)
-        if needed > cfg.num_blocks:
-            return f"it needs {needed} KV blocks, more than the destination's {cfg.num_blocks}"
+        problem = self._fit_problem(request_id, num_tokens, max_num_tokens)
+        if problem is not None:
+            return problem
         if needs_seat and len(self.running) + len(self.suspended) + len(self.incoming) >= cfg.max_num_seqs:
             return f"the destination already runs max_num_seqs={cfg.max_num_seqs} requests"
         return None
