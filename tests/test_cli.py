@@ -46,3 +46,9 @@ def test_every_model_command_defaults_to_dtype_auto():
     parser = build_parser()
     for argv in (["generate", "hi"], ["bench", "engine"], ["profile", "--json", "x.json"]):
         assert parser.parse_args(argv).dtype == "auto", argv
+
+
+def test_bench_startup_rejects_a_bad_run_count(capsys):
+    assert main(["bench", "startup", "--warm-runs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--warm-runs must be at least 1, got 0" in err and "Traceback" not in err

@@ -8,6 +8,7 @@ BENCH_MODULES = [
     "shunter.bench.engine_bench",
     "shunter.bench.sim_bench",
     "shunter.bench.fidelity",
+    "shunter.bench.startup_bench",
 ]
 
 
