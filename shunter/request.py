@@ -149,12 +149,18 @@ class Request:
 
 @dataclass(slots=True)
 class TokenDelta:
-    """What one engine step produced for one request: new tokens and, at the end, why it stopped."""
+    """What one engine step produced for one request: new tokens and, at the end, why it stopped.
+
+    output_index: the position of `new_token_ids[0]` in the request's output
+    (for a closing delta without tokens, the number of tokens output so far),
+    so a receiver can drop duplicates and detect gaps.
+    """
 
     request_id: str
     new_token_ids: list[int]
     time: float
     finish_reason: str | None = None
+    output_index: int = 0
 
     @property
     def is_finished(self) -> bool:

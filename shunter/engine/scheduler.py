@@ -136,6 +136,20 @@ class IncomingMigration:
     request_id: str
 
 
+def fit_problem(cfg: SchedulerConfig, request_id: str, num_tokens: int, max_num_tokens: int) -> str | None:
+    """Why a request of `num_tokens` tokens (`max_num_tokens` at its longest) can never run on an
+    instance configured by `cfg`, or None. A frontend checks this before dispatching anything."""
+    if num_tokens >= cfg.max_model_len:
+        return (f"request {request_id!r}: prompt of {num_tokens} tokens does not fit the "
+                f"model's context of {cfg.max_model_len} tokens (at least one output token is needed)")
+    # KV for all its tokens but the last sampled one, at its longest: a request that could
+    # outgrow the instance would end up preempting itself forever, wedging the queue behind it.
+    needed = cdiv(max(num_tokens + 1, min(max_num_tokens, cfg.max_model_len) - 1), cfg.block_size)
+    if needed > cfg.num_blocks:
+        return f"request {request_id!r}: needs {needed} KV blocks, more than this instance's {cfg.num_blocks}"
+    return None
+
+
 def _reservation_key(migration_id: str) -> tuple[str, str]:
     # A tuple can never equal a request id (a str): reservations and requests share the block manager.
     return ("migration", migration_id)
@@ -175,17 +189,7 @@ class Scheduler(DecodeRunsMixin):
             raise ValueError(problem)
 
     def _fit_problem(self, request_id: str, num_tokens: int, max_num_tokens: int) -> str | None:
-        """Why a request of `num_tokens` tokens (`max_num_tokens` at its longest) can never run here, or None."""
-        cfg = self.config
-        if num_tokens >= cfg.max_model_len:
-            return (f"request {request_id!r}: prompt of {num_tokens} tokens does not fit the "
-                    f"model's context of {cfg.max_model_len} tokens (at least one output token is needed)")
-        # KV for all its tokens but the last sampled one, at its longest: a request that could
-        # outgrow the instance would end up preempting itself forever, wedging the queue behind it.
-        needed = cdiv(max(num_tokens + 1, min(max_num_tokens, cfg.max_model_len) - 1), cfg.block_size)
-        if needed > cfg.num_blocks:
-            return f"request {request_id!r}: needs {needed} KV blocks, more than this instance's {cfg.num_blocks}"
-        return None
+        return fit_problem(self.config, request_id, num_tokens, max_num_tokens)
 
     def _is_known(self, request_id: str) -> bool:
         """Live here, or the request of a migration coming in."""
@@ -198,7 +202,8 @@ class Scheduler(DecodeRunsMixin):
         if request is None:
             return None
         self._remove(request, RequestStatus.FINISHED_ABORTED, now)
-        return TokenDelta(request_id, [], now, RequestStatus.FINISHED_ABORTED.finish_reason)
+        return TokenDelta(request_id, [], now, RequestStatus.FINISHED_ABORTED.finish_reason,
+                          request.num_output_tokens)
 
     def finish(self, request_id: str, status: RequestStatus, now: float) -> bool:
         """End a live request with `status` (e.g. a stop string matched by the frontend)."""
@@ -341,7 +346,8 @@ class Scheduler(DecodeRunsMixin):
             if status is not None:
                 self._finalize(request, status, now)
                 any_finished = True
-            deltas.append(TokenDelta(request.request_id, [token], now, status.finish_reason if status else None))
+            deltas.append(TokenDelta(request.request_id, [token], now, status.finish_reason if status else None,
+                                     request.num_output_tokens - 1))
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return deltas

@@ -263,3 +263,38 @@ def model_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device, atten
         attention_scaling=float(rotary.attention_scaling),
         attention_backend=attention_backend,
     )
+
+
+def prepare_checkpoint(model: str | None) -> ModelSource:
+    """Where instances should load `model` from: a GGUF file is converted once into the cache first.
+
+    Returns the converted directory (or the GGUF source itself if the cache
+    cannot be written); a plain directory is returned as it is.
+    """
+    source = resolve_source(model)
+    if not source.gguf_file:
+        return source
+    cache = converted.converted_dir(source.directory / source.gguf_file)
+    if not converted.is_complete(cache):
+        hf_model = load_hf_model(source, torch.float32)
+        if not converted.save_converted(cache, hf_model, load_hf_tokenizer(source)):
+            return source
+    return ModelSource(cache, None)
+
+
+def load_tokenizer_and_context(source: ModelSource) -> tuple[Tokenizer, int]:
+    """The checkpoint's tokenizer and context length, without loading its weights (a frontend's needs)."""
+    from transformers import AutoConfig
+
+    where = str(source.directory / source.gguf_file) if source.gguf_file else str(source.directory)
+    try:
+        hf_config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    except Exception as exc:
+        raise ValueError(f"cannot read the model config from {where!r}: {exc}") from exc
+    check_supported(hf_config, where)
+    return Tokenizer(load_hf_tokenizer(source)), int(hf_config.max_position_embeddings)
+
+
+def source_path(source: ModelSource) -> str:
+    """The path to hand `load_weights` for this source."""
+    return str(source.directory / source.gguf_file) if source.gguf_file else str(source.directory)

@@ -1,0 +1,1 @@
+"""Real instances: the engine loop with its command inbox, and instances in-process or as Ray actors."""

@@ -1,0 +1,160 @@
+"""The frontend's handle on one instance, and the in-process kind.
+
+A handle is what the global scheduler dispatches to (it satisfies the cluster's
+`Instance` calls for dispatch) and what the frontend's pump polls for step
+messages. Commands are fire-and-forget: a request's fate comes back through
+its deltas, never through a per-request round trip. The load the global
+scheduler sees is the last report the instance pushed, never a fresh query.
+
+`LocalInstance` runs an `EngineLoop` in this process (tests, the null-engine
+benchmark); `shunter.runtime.ray_instance.RayInstance` runs it in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+from shunter.config import SchedulerConfig
+from shunter.engine import LoadReport
+from shunter.engine.scheduler import MigrationCandidate, fit_problem
+from shunter.request import Request, TokenDelta
+from shunter.runtime.engine_loop import EngineLoop, StepMessage
+from shunter.runtime.spec import InstanceSpec, build_engine
+
+
+class InstanceState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class InstanceHandle:
+    """One instance as the frontend sees it: id, role, state, limits, last report."""
+
+    def __init__(self, instance_id: str, spec: InstanceSpec, role: str = "mixed") -> None:
+        self.instance_id = instance_id
+        self.spec = spec
+        self.role = role
+        self.state = InstanceState.STARTING
+        self.config: SchedulerConfig | None = None
+        self.facts: dict = {}
+        self.last_report: LoadReport | None = None
+        self.error: str | None = None
+
+    # ---- the cluster's Instance calls used by dispatch -----------------------------------
+    def validate(self, request: Request) -> None:
+        """ValueError if `request` could never run here (checked before anything is sent)."""
+        if self.config is None:
+            raise ValueError(f"instance {self.instance_id} is not ready")
+        problem = fit_problem(self.config, request.request_id, request.num_tokens,
+                              request.num_prompt_tokens + request.sampling_params.max_tokens)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def add_request(self, request: Request) -> None:
+        """Validate, then send the request; its tokens (or its refusal) come back as deltas."""
+        self.validate(request)
+        self._send_add(request)
+
+    def abort_request(self, request_id: str, now: float) -> TokenDelta | None:
+        """Send an abort; the closing delta comes back through the outbox (None here)."""
+        self._send_abort(request_id)
+        return None
+
+    def finish_request(self, request_id: str) -> None:
+        """The frontend matched a stop string: end the request there and free its blocks."""
+        self._send_finish(request_id)
+
+    def load_report(self, now: float) -> LoadReport:
+        if self.last_report is None:
+            raise ValueError(f"instance {self.instance_id} has not reported yet")
+        return self.last_report
+
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        return []  # live migration between real instances is not wired in yet
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        r = self.last_report
+        return r is not None and (r.num_running + r.num_waiting) > 0
+
+    @property
+    def accepts_work(self) -> bool:
+        return self.state is InstanceState.READY
+
+    def describe(self) -> dict:
+        """The admin API's view of this instance."""
+        return {
+            "id": self.instance_id,
+            "role": self.role,
+            "state": self.state.value,
+            "load": self.last_report.to_json() if self.last_report is not None else None,
+            "config": None if self.config is None else {
+                "num_blocks": self.config.num_blocks, "block_size": self.config.block_size,
+                "max_num_seqs": self.config.max_num_seqs, "max_model_len": self.config.max_model_len,
+                "max_num_batched_tokens": self.config.max_num_batched_tokens},
+            "facts": self.facts,
+            "error": self.error,
+        }
+
+    # ---- what each kind implements -------------------------------------------------------------
+    async def start(self) -> None:
+        """Build the engine and start its loop; sets `config`, `facts`, the first report, READY."""
+        raise NotImplementedError
+
+    async def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def _send_add(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def _send_abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def _send_finish(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.instance_id!r}, {self.state.value})"
+
+
+class LocalInstance(InstanceHandle):
+    """An instance whose engine loop is a thread of this process."""
+
+    def __init__(self, instance_id: str, spec: InstanceSpec, role: str = "mixed", engine=None) -> None:
+        super().__init__(instance_id, spec, role)
+        self._engine = engine  # prebuilt (tests pass one with a fake executor); else built from `spec`
+        self.loop: EngineLoop | None = None
+
+    async def start(self) -> None:
+        engine, facts = (self._engine, {"executor": "given"}) if self._engine is not None else \
+            await asyncio.to_thread(build_engine, self.spec, self.instance_id)
+        self.loop = EngineLoop(engine, self.spec.report_interval)
+        self.config = engine.config
+        self.facts = facts
+        self.loop.start()
+        self.last_report = await asyncio.wrap_future(self.loop.load_report())
+        self.state = InstanceState.READY
+
+    async def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
+        return await asyncio.to_thread(self.loop.poll, after_seq, timeout)
+
+    async def shutdown(self) -> None:
+        if self.loop is not None:
+            await asyncio.to_thread(self.loop.stop)
+        self.state = InstanceState.STOPPED
+
+    def _send_add(self, request: Request) -> None:
+        self.loop.add_request(request)
+
+    def _send_abort(self, request_id: str) -> None:
+        self.loop.abort_request(request_id)
+
+    def _send_finish(self, request_id: str) -> None:
+        self.loop.finish_request(request_id)

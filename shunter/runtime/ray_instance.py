@@ -1,0 +1,103 @@
+"""Instances as Ray actors: each one its own process, its engine loop a thread inside it.
+
+The actor has two concurrency groups: commands (add, abort, finish) run one at
+a time in the order the frontend sent them, so an abort can never overtake the
+add it cancels; `poll` runs in its own group, so a poll waiting for the next
+step never holds a command up. Ray starts, places and connects the processes;
+there is no process manager or RPC layer of Shunter's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from shunter.request import Request
+from shunter.runtime.engine_loop import EngineLoop, StepMessage
+from shunter.runtime.handles import InstanceHandle, InstanceState
+from shunter.runtime.spec import InstanceSpec, build_engine
+
+
+class InstanceWorker:
+    """The actor's body: builds the engine where it runs and drives it with an `EngineLoop`."""
+
+    def __init__(self, instance_id: str, spec: InstanceSpec) -> None:
+        engine, self.facts = build_engine(spec, instance_id)
+        self.facts["host"] = os.uname().nodename
+        self.config = engine.config
+        self.loop = EngineLoop(engine, spec.report_interval)
+        self.loop.start()
+
+    def info(self) -> dict:
+        return {"config": self.config, "facts": self.facts, "report": self.loop.load_report().result()}
+
+    def add_request(self, request: Request) -> None:
+        self.loop.add_request(request)
+
+    def abort_request(self, request_id: str) -> None:
+        self.loop.abort_request(request_id)
+
+    def finish_request(self, request_id: str) -> None:
+        self.loop.finish_request(request_id)
+
+    def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
+        return self.loop.poll(after_seq, timeout)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+
+
+def _actor_class():
+    import ray
+
+    return ray.remote(concurrency_groups={"poll": 2})(InstanceWorker)
+
+
+class RayInstance(InstanceHandle):
+    """An instance in a Ray actor (on this machine or any node of the Ray cluster)."""
+
+    def __init__(self, instance_id: str, spec: InstanceSpec, role: str = "mixed") -> None:
+        super().__init__(instance_id, spec, role)
+        self.actor = None
+
+    async def start(self) -> None:
+        import ray
+
+        env = {}
+        if self.spec.num_threads is not None:
+            # OpenMP reads these at start-up, before torch.set_num_threads runs.
+            env = {"OMP_NUM_THREADS": str(self.spec.num_threads), "MKL_NUM_THREADS": str(self.spec.num_threads)}
+        # num_cpus=0: the instance's torch threads are set by the spec, not by Ray's CPU slots, so
+        # instances added later are never left pending for want of a free slot.
+        self.actor = _actor_class().options(
+            name=None, num_cpus=0, max_concurrency=1, runtime_env={"env_vars": env} if env else None,
+            num_gpus=1 if (self.spec.device or "").startswith("cuda") else 0,
+        ).remote(self.instance_id, self.spec)
+        info = await self.actor.info.remote()
+        self.config = info["config"]
+        self.facts = info["facts"]
+        self.last_report = info["report"]
+        self.state = InstanceState.READY
+
+    async def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
+        return await self.actor.poll.options(concurrency_group="poll").remote(after_seq, timeout)
+
+    async def shutdown(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            try:
+                await asyncio.wait_for(self.actor.shutdown.remote(), 5)
+            except Exception:  # already dead or stuck: kill it either way
+                pass
+            ray.kill(self.actor)
+        self.state = InstanceState.STOPPED
+
+    def _send_add(self, request: Request) -> None:
+        self.actor.add_request.remote(request)
+
+    def _send_abort(self, request_id: str) -> None:
+        self.actor.abort_request.remote(request_id)
+
+    def _send_finish(self, request_id: str) -> None:
+        self.actor.finish_request.remote(request_id)

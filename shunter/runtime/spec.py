@@ -1,0 +1,104 @@
+"""What an instance is made of (`InstanceSpec`) and how an engine is built from it.
+
+The spec is plain data: the frontend writes it, the instance's own process
+(a Ray actor, or this process for in-process instances) builds the engine from
+it, so the weights are loaded where they run. Torch is imported only to build
+the real model's executor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from shunter.config import SchedulerConfig
+from shunter.engine import InstanceEngine
+
+EXECUTORS = ("model", "null")
+
+
+@dataclass
+class InstanceSpec:
+    """One instance's model, executor and scheduler limits.
+
+    model: a local checkpoint directory (the frontend passes the converted
+        cache of a GGUF file) or None for the built-in model.
+    executor: "model" (the real model runner) or "null" (instant tokens:
+        `null_token_ids`, no model; for benchmarks of everything around it).
+    num_threads: torch intra-op threads of this instance (None: torch's default).
+    num_blocks: KV-cache blocks (None: sized for the device).
+    max_model_len: the context (None: the model's own; at most the model's).
+    report_interval: seconds between the load reports the instance pushes.
+    """
+
+    model: str | None = None
+    executor: str = "model"
+    dtype: str = "auto"
+    device: str | None = None
+    num_threads: int | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_prefill_chunk: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    report_interval: float = 0.05
+    seed: int | None = 0
+    null_token_ids: list[int] = field(default_factory=lambda: [42])
+    null_step_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}: use one of {', '.join(EXECUTORS)}")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
+        if self.report_interval <= 0:
+            raise ValueError(f"report interval must be positive, got {self.report_interval!r}")
+
+    def scheduler_config(self, num_blocks: int, model_max_len: int) -> SchedulerConfig:
+        max_len = model_max_len if self.max_model_len is None else self.max_model_len
+        if max_len > model_max_len:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's context of {model_max_len} tokens")
+        return SchedulerConfig(
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_prefill_chunk=self.max_prefill_chunk,
+            max_model_len=max_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+
+    def replace(self, **changes) -> InstanceSpec:
+        return dataclasses.replace(self, **changes)
+
+
+# A null instance's context and KV capacity when the spec leaves them open.
+NULL_MAX_MODEL_LEN = 8192
+NULL_NUM_BLOCKS = 8192
+
+
+def build_engine(spec: InstanceSpec, instance_id: str) -> tuple[InstanceEngine, dict]:
+    """The engine of `spec` and facts about it (dtype, device, threads, pid) for the admin API."""
+    facts: dict = {"pid": os.getpid(), "executor": spec.executor}
+    if spec.executor == "null":
+        from shunter.runtime.null_executor import NullExecutor
+
+        config = spec.scheduler_config(spec.num_blocks or NULL_NUM_BLOCKS, spec.max_model_len or NULL_MAX_MODEL_LEN)
+        return InstanceEngine(config, NullExecutor(spec.null_token_ids, spec.null_step_time), instance_id), facts
+
+    import torch
+
+    from shunter.model import ModelExecutor, default_num_blocks, load_weights
+
+    if spec.num_threads is not None:
+        torch.set_num_threads(spec.num_threads)
+    loaded = load_weights(spec.model, spec.dtype, spec.device)
+    dtype, device = loaded.model.dtype, loaded.model.device
+    num_blocks = spec.num_blocks or default_num_blocks(loaded.config, spec.block_size, dtype, device)
+    config = spec.scheduler_config(num_blocks, loaded.config.max_model_len)
+    executor = ModelExecutor(loaded.model, num_blocks, spec.block_size, seed=spec.seed)
+    facts.update(dtype=str(dtype).removeprefix("torch."), device=str(device), num_threads=torch.get_num_threads())
+    return InstanceEngine(config, executor, instance_id), facts

@@ -1,0 +1,252 @@
+"""The HTTP API: OpenAI completions and chat (streamed or not), models, health, metrics, admin.
+
+Handlers check and tokenize a request, hand it to the `Frontend` for dispatch,
+and turn its stream of token events into text (incrementally detokenized here,
+stop strings matched here) and into OpenAI's response or SSE chunks. A client
+that goes away mid-request has its request aborted on the instance that owns
+it; nothing is allocated anywhere for a request that fails its checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import shunter
+from shunter.model.tokenizer import Tokenizer
+from shunter.server import protocol
+from shunter.server.errors import OpenAIError, bad_request, install_handlers
+from shunter.server.frontend import Frontend, NoInstanceError, UnknownInstanceError
+from shunter.server.metrics import CONTENT_TYPE
+from shunter.server.protocol import ChatCompletionRequest, CompletionRequest, Generation
+
+DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request checks that its client is still there
+
+
+@dataclass
+class ServerState:
+    """What the handlers need: the frontend, the tokenizer, the served model's names and context."""
+
+    frontend: Frontend
+    tokenizer: Tokenizer
+    served_model_names: list[str]
+    max_model_len: int
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The FastAPI application over `state` (the caller starts and stops the frontend)."""
+    app = FastAPI(title="Shunter", version=shunter.__version__, docs_url=None, redoc_url=None)
+    app.state.shunter = state
+    install_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.frontend.ready_instances:
+            raise OpenAIError(503, "no instance is ready")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": shunter.__version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "shunter", "root": state.served_model_names[0],
+             "max_model_len": state.max_model_len} for name in state.served_model_names]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.frontend.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = protocol.parse(CompletionRequest, await _json(request))
+        protocol.check_model(req.model, state.served_model_names)
+        prompt = protocol.completion_prompt(req)
+        if isinstance(prompt, str):
+            prompt_ids = state.tokenizer.encode(prompt)
+        else:
+            if any(t < 0 or t >= state.tokenizer.vocab_size for t in prompt):
+                raise bad_request(f"prompt token ids must lie in [0, {state.tokenizer.vocab_size})", param="prompt")
+            prompt_ids = list(prompt)
+        gen = protocol.generation(req, req.max_tokens)
+        return await _generate(request, state, gen, prompt_ids, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = protocol.parse(ChatCompletionRequest, await _json(request))
+        protocol.check_model(req.model, state.served_model_names)
+        messages = protocol.chat_messages(req)
+        try:
+            prompt_ids = state.tokenizer.apply_chat_template(messages)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="messages") from None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        gen = protocol.generation(req, max_tokens)
+        return await _generate(request, state, gen, prompt_ids, chat=True)
+
+    @app.get("/admin/instances")
+    async def list_instances() -> dict:
+        return {"instances": [h.describe() for h in state.frontend.handles.values()]}
+
+    @app.post("/admin/instances", status_code=201)
+    async def add_instance() -> dict:
+        try:
+            handle = await state.frontend.add_instance()
+        except Exception as exc:
+            raise OpenAIError(500, f"the new instance failed to start: {type(exc).__name__}: {exc}") from None
+        return handle.describe()
+
+    @app.post("/admin/instances/{instance_id}/drain")
+    async def drain(instance_id: str) -> dict:
+        try:
+            return state.frontend.drain(instance_id).describe()
+        except UnknownInstanceError:
+            raise OpenAIError(404, f"no instance {instance_id!r}", param="instance_id") from None
+
+    return app
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _generate(http: Request, state: ServerState, gen: Generation, prompt_ids: list[int], chat: bool) -> Response:
+    """Check the lengths, dispatch, and answer streamed or whole."""
+    n = len(prompt_ids)
+    if n >= state.max_model_len:
+        raise bad_request(f"the prompt has {n} tokens; this model's context is {state.max_model_len} tokens "
+                          f"(at least one must be left for the output)", param="messages" if chat else "prompt")
+    params = gen.params
+    if not gen.max_tokens_given:
+        params.max_tokens = state.max_model_len - n
+    elif n + params.max_tokens > state.max_model_len:
+        raise bad_request(f"max_tokens {params.max_tokens} + prompt of {n} tokens exceeds this model's context of "
+                          f"{state.max_model_len} tokens", param="max_tokens")
+    try:
+        stream = state.frontend.submit(prompt_ids, params, gen.priority)
+    except NoInstanceError as exc:
+        raise OpenAIError(503, f"no instance can take the request: {exc}") from None
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    answer = _Answer(state, gen, stream.request_id, n, chat, params.stop)
+    if gen.stream:
+        return StreamingResponse(answer.sse(stream), media_type="text/event-stream")
+    return JSONResponse(await answer.whole(stream, http))
+
+
+class _Answer:
+    """Turns one request's token events into text and into OpenAI's response objects."""
+
+    def __init__(self, state: ServerState, gen: Generation, request_id: str, num_prompt_tokens: int, chat: bool,
+                 stop: list[str]) -> None:
+        self.state = state
+        self.gen = gen
+        self.request_id = request_id
+        self.chat = chat
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_tokens = 0
+        self.created = int(time.time())
+        self.detok = state.tokenizer.detokenizer(stop)
+        self.object = "chat.completion" if chat else "text_completion"
+
+    async def _texts(self, stream) -> AsyncIterator[tuple[str, str | None, str | None]]:
+        """(new text, finish reason, error) as events arrive; the request is aborted if the caller stops early."""
+        frontend = self.state.frontend
+        done = False
+        try:
+            async for event in frontend.events(stream):
+                self.num_tokens += len(event.token_ids)
+                delta = self.detok.add_tokens(event.token_ids)
+                text, reason = delta.text, event.finish_reason
+                if delta.stopped and reason is None:
+                    frontend.finish_stopped(self.request_id)
+                    reason = "stop"
+                if reason is not None:
+                    done = True
+                    if not delta.stopped:
+                        text += self.detok.flush()
+                    yield text, reason, event.error
+                    return
+                if text:
+                    yield text, None, None
+        finally:
+            if not done:
+                frontend.abort(self.request_id)  # client gone or handler cancelled
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": self.num_tokens,
+                "total_tokens": self.num_prompt_tokens + self.num_tokens}
+
+    async def _collect(self, stream) -> tuple[str, str | None, str | None]:
+        parts: list[str] = []
+        reason = error = None
+        async for text, reason, error in self._texts(stream):
+            parts.append(text)
+        return "".join(parts), reason, error
+
+    async def whole(self, stream, http: Request) -> dict:
+        # The collection runs as a task so that a client gone mid-request cancels it (aborting the request).
+        task = asyncio.ensure_future(self._collect(stream))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
+                if not task.done() and await http.is_disconnected():
+                    task.cancel()
+                    raise OpenAIError(400, "the client disconnected")
+        finally:
+            if not task.done():
+                task.cancel()
+        text, reason, error = task.result()
+        if error is not None or reason == "error":
+            raise OpenAIError(500, f"the request failed: {error or 'instance error'}")
+        choice = {"index": 0, "finish_reason": reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        return {"id": self.request_id, "object": self.object, "created": self.created, "model": self.gen.model,
+                "choices": [choice], "usage": self.usage()}
+
+    def _chunk(self, text: str | None, reason: str | None, first: bool = False) -> str:
+        if self.chat:
+            delta: dict = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return _sse({"id": self.request_id, "object": obj, "created": self.created, "model": self.gen.model,
+                     "choices": [choice]})
+
+    async def sse(self, stream) -> AsyncIterator[str]:
+        if self.chat:
+            yield self._chunk(None, None, first=True)
+        async for text, reason, error in self._texts(stream):
+            if error is not None or reason == "error":
+                yield _sse(OpenAIError(500, f"the request failed: {error or 'instance error'}").body())
+                break
+            if reason is None:
+                yield self._chunk(text, None)
+                continue
+            if text:
+                yield self._chunk(text, None)
+            yield self._chunk(None if self.chat else "", reason)
+        if self.gen.include_usage:
+            yield _sse({"id": self.request_id, "object": "chat.completion.chunk" if self.chat else self.object,
+                        "created": self.created, "model": self.gen.model, "choices": [], "usage": self.usage()})
+        yield "data: [DONE]\n\n"
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -1,0 +1,240 @@
+"""The frontend's core: instances, the global scheduler, the owner map and the token pumps.
+
+Per instance, one pump task polls its step messages (one message per engine
+step, all of that step's deltas in it) and routes each delta to the request's
+stream; the same messages carry the load reports the global scheduler
+dispatches on, so load is never asked for per request. Each live request has
+one entry in the owner map (`streams[request_id].instance_id`): aborts and
+stop-string finishes go to the instance that owns it.
+
+Everything here runs on the server's asyncio loop; the scheduling decisions
+are the cluster code's (`GlobalScheduler`, the registered policies), the same
+objects the simulator drives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from typing import AsyncIterator, Callable
+
+from shunter.cluster.bundles import PolicyConfig
+from shunter.cluster.global_scheduler import GlobalScheduler
+from shunter.request import Request, SamplingParams, TokenDelta
+from shunter.runtime.handles import InstanceHandle, InstanceState
+from shunter.runtime.spec import InstanceSpec
+from shunter.server.metrics import ServerMetrics
+from shunter.server.streams import RequestStream, StreamEvent
+
+log = logging.getLogger(__name__)
+
+HandleFactory = Callable[[str, InstanceSpec], InstanceHandle]
+POLL_TIMEOUT = 1.0  # seconds a poll waits for a message; reports arrive far more often
+
+
+class NoInstanceError(RuntimeError):
+    """No instance can take a request now (none ready, or all draining)."""
+
+
+class UnknownInstanceError(KeyError):
+    pass
+
+
+class Frontend:
+    """Owns the instances and every live request's stream."""
+
+    def __init__(self, make_handle: HandleFactory, spec: InstanceSpec, policy: PolicyConfig, model_name: str,
+                 eos_token_id: int | None, seed: int = 0) -> None:
+        self.make_handle = make_handle
+        self.spec = spec
+        self.policy = policy
+        self.model_name = model_name
+        self.eos_token_id = eos_token_id
+        self.scheduler = GlobalScheduler(policy=policy, seed=seed)
+        self.metrics = ServerMetrics(model_name)
+        self.handles: dict[str, InstanceHandle] = {}
+        self.streams: dict[str, RequestStream] = {}
+        self._pumps: dict[str, asyncio.Task] = {}
+        self._instance_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._last_token_time: dict[str, float] = {}
+
+    # ---- instances -----------------------------------------------------------------------
+    async def add_instance(self, role: str = "mixed") -> InstanceHandle:
+        """Start one more instance; it takes work once it is up (its first report seeds dispatch)."""
+        instance_id = str(next(self._instance_ids))
+        handle = self.make_handle(instance_id, self.spec)
+        handle.role = role
+        self.handles[instance_id] = handle
+        self._update_state_gauge()
+        try:
+            await handle.start()
+        except Exception as exc:
+            handle.state = InstanceState.FAILED
+            handle.error = f"{type(exc).__name__}: {exc}"
+            self._update_state_gauge()
+            raise
+        self.scheduler.add_instance(handle, handle.last_report)
+        self.metrics.observe_report(handle.last_report)
+        self._pumps[instance_id] = asyncio.create_task(self._pump(handle), name=f"pump-{instance_id}")
+        self._update_state_gauge()
+        return handle
+
+    async def start(self, num_instances: int) -> None:
+        """Start `num_instances` instances side by side."""
+        results = await asyncio.gather(*(self.add_instance() for _ in range(num_instances)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    def get_handle(self, instance_id: str) -> InstanceHandle:
+        try:
+            return self.handles[instance_id]
+        except KeyError:
+            raise UnknownInstanceError(instance_id) from None
+
+    def drain(self, instance_id: str) -> InstanceHandle:
+        """Take no new work on the instance (its requests run to completion there for now)."""
+        handle = self.get_handle(instance_id)
+        if handle.state is InstanceState.READY:
+            self.scheduler.drain(instance_id)
+            handle.state = InstanceState.DRAINING
+            self._update_state_gauge()
+        return handle
+
+    def _update_state_gauge(self) -> None:
+        counts = Counter(h.state.value for h in self.handles.values())
+        self.metrics.set_instance_states({s.value: counts.get(s.value, 0) for s in InstanceState})
+
+    @property
+    def ready_instances(self) -> list[InstanceHandle]:
+        return [h for h in self.handles.values() if h.state is InstanceState.READY]
+
+    async def shutdown(self) -> None:
+        for task in self._pumps.values():
+            task.cancel()
+        for rid in list(self.streams):
+            self._end(rid, "abort", "the server is shutting down")
+        await asyncio.gather(*(h.shutdown() for h in self.handles.values() if h.state is not InstanceState.FAILED),
+                             return_exceptions=True)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> RequestStream:
+        """Dispatch a validated request; ValueError (nothing sent) if it cannot run, NoInstanceError if nothing can take it."""
+        now = time.monotonic()
+        request = Request(
+            request_id=f"cmpl-{next(self._request_ids)}-{int(now * 1000) % 100000}",
+            prompt_token_ids=prompt_token_ids,
+            sampling_params=params,
+            arrival_time=now,
+            priority=priority,
+            eos_token_id=self.eos_token_id,
+        )
+        try:
+            handle = self.scheduler.select_instance(request, now)
+        except ValueError as exc:
+            raise NoInstanceError(str(exc)) from None
+        # Validate before the owner map knows it: a refused request leaves nothing anywhere.
+        handle.validate(request)
+        stream = RequestStream(request.request_id, handle.instance_id, request.num_prompt_tokens, now)
+        self.streams[request.request_id] = stream
+        self.scheduler.assign(request, handle)
+        self.metrics.dispatches.labels(self.policy.dispatch, handle.instance_id).inc()
+        return stream
+
+    async def events(self, stream: RequestStream) -> AsyncIterator[StreamEvent]:
+        """The stream's events until it finishes (the last one carries the finish reason)."""
+        while True:
+            event = await stream.queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def abort(self, request_id: str) -> None:
+        """Abort wherever the request is (client gone); its blocks are freed on the owning instance."""
+        stream = self.streams.get(request_id)
+        if stream is None:
+            return
+        handle = self.handles.get(stream.instance_id)
+        if handle is not None:
+            handle.abort_request(request_id, time.monotonic())
+        self._end(request_id, "abort")
+
+    def finish_stopped(self, request_id: str) -> None:
+        """The client's stop string matched: end it on the owning instance as stopped."""
+        stream = self.streams.get(request_id)
+        if stream is None:
+            return
+        handle = self.handles.get(stream.instance_id)
+        if handle is not None:
+            handle.finish_request(request_id)
+        self._end(request_id, "stop")
+
+    def _end(self, request_id: str, reason: str, error: str | None = None) -> None:
+        stream = self.streams.pop(request_id, None)
+        self._last_token_time.pop(request_id, None)
+        if stream is None:
+            return
+        now = time.monotonic()
+        stream.finish(reason, now, error)
+        self.metrics.observe_finish(stream.instance_id, stream.num_prompt_tokens, now - stream.arrival_time, reason)
+
+    # ---- the token path --------------------------------------------------------------------------
+    async def _pump(self, handle: InstanceHandle) -> None:
+        """Take the instance's step messages until it stops; on failure end its requests with an error."""
+        seq = 0
+        try:
+            while handle.state in (InstanceState.READY, InstanceState.DRAINING):
+                messages = await handle.poll(seq, POLL_TIMEOUT)
+                for message in messages:
+                    seq = message.seq
+                    if message.report is not None:
+                        handle.last_report = message.report
+                        self.scheduler.update_reports([message.report])
+                        self.metrics.observe_report(message.report)
+                    for delta in message.deltas:
+                        self._deliver(delta, message.errors.get(delta.request_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the actor died or its channel broke
+            self._instance_failed(handle, exc)
+
+    def _deliver(self, delta: TokenDelta, error: str | None) -> None:
+        stream = self.streams.get(delta.request_id)
+        if stream is None:
+            return  # aborted or stopped here already; the instance's late deltas are dropped
+        now = time.monotonic()
+        before = stream.next_index
+        stream.push(delta, error)
+        num_new = stream.next_index - before
+        if num_new:
+            last = self._last_token_time.get(delta.request_id)
+            self.metrics.observe_tokens(stream.instance_id, num_new, None if last is None else now - last,
+                                        now - stream.arrival_time if before == 0 else None)
+            self._last_token_time[delta.request_id] = now
+        if stream.finished:
+            reason = delta.finish_reason or "error"
+            self.streams.pop(delta.request_id, None)
+            self._last_token_time.pop(delta.request_id, None)
+            self.metrics.observe_finish(stream.instance_id, stream.num_prompt_tokens, now - stream.arrival_time,
+                                        reason)
+
+    def _instance_failed(self, handle: InstanceHandle, exc: Exception) -> None:
+        log.error("instance %s failed: %s", handle.instance_id, exc)
+        handle.state = InstanceState.FAILED
+        handle.error = f"{type(exc).__name__}: {exc}"
+        if handle.instance_id in self.scheduler.views:
+            self.scheduler.remove_instance(handle.instance_id)
+        self.metrics.forget_instance(handle.instance_id)
+        for rid, stream in list(self.streams.items()):
+            if stream.instance_id == handle.instance_id:
+                self._end(rid, "error", f"instance {handle.instance_id} failed")
+        self._update_state_gauge()
+
+    # ---- introspection ----------------------------------------------------------------------------
+    def num_live_requests(self) -> int:
+        return len(self.streams)
+

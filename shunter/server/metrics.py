@@ -1,0 +1,87 @@
+"""Prometheus metrics of the server, under vLLM's names so existing dashboards and alerts read them.
+
+Per-instance gauges come from the load reports the instances push; latency
+histograms and token counters are observed in the frontend, where the client's
+experience is (TTFT counts from the request's arrival at the frontend). Each
+server owns its registry, so several servers can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from shunter.engine import LoadReport
+
+# vLLM's buckets, so histograms line up with a vLLM fleet's.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    """Every metric of one server; label `instance` on the per-instance ones."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, ["model_name", "instance"]
+        self.running = Gauge("vllm:num_requests_running", "Requests running on the instance (last report).",
+                             labels, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting on the instance (last report).",
+                             labels, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage of the instance, 1 = full (last report).",
+                              labels, registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival at the frontend to first token.",
+                              labels, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             labels, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival at the frontend to the last token.",
+                             labels, buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                               labels + ["finished_reason"], registry=r)
+        self.dispatches = Counter("shunter_dispatches", "Requests dispatched, by policy and instance.",
+                                  ["policy", "instance"], registry=r)
+        self.rejected = Counter("shunter_requests_rejected", "Requests refused before dispatch, by HTTP status.",
+                                ["status"], registry=r)
+        self.instances = Gauge("shunter_instances", "Instances by state.", ["state"], registry=r)
+
+    def observe_report(self, report: LoadReport) -> None:
+        labels = (self.model_name, report.instance_id)
+        self.running.labels(*labels).set(report.num_running)
+        self.waiting.labels(*labels).set(report.num_waiting)
+        self.kv_usage.labels(*labels).set(report.block_usage)
+
+    def observe_tokens(self, instance_id: str, num_tokens: int, gap: float | None, ttft: float | None) -> None:
+        """`num_tokens` new tokens; `ttft` if they are the first, else `gap` since the previous ones."""
+        labels = (self.model_name, instance_id)
+        self.generation_tokens.labels(*labels).inc(num_tokens)
+        if ttft is not None:
+            self.ttft.labels(*labels).observe(ttft)
+        elif gap is not None:
+            self.itl.labels(*labels).observe(gap)
+
+    def observe_finish(self, instance_id: str, num_prompt_tokens: int, e2e: float, reason: str) -> None:
+        labels = (self.model_name, instance_id)
+        self.prompt_tokens.labels(*labels).inc(num_prompt_tokens)
+        self.e2e.labels(*labels).observe(e2e)
+        self.success.labels(*labels, reason).inc()
+
+    def set_instance_states(self, counts: dict[str, int]) -> None:
+        for state, n in counts.items():
+            self.instances.labels(state).set(n)
+
+    def forget_instance(self, instance_id: str) -> None:
+        for gauge in (self.running, self.waiting, self.kv_usage):
+            try:
+                gauge.remove(self.model_name, instance_id)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

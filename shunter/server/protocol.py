@@ -1,0 +1,189 @@
+"""The OpenAI request bodies Shunter accepts, checked into a prompt and `SamplingParams`.
+
+Every field of the OpenAI API is either supported, accepted only at its
+default (`logprobs: null`, `repetition_penalty: 1.0`, ...), or refused with a
+400 that names it: a parameter is never silently ignored. Unknown fields are
+refused too, so a typo does not pass as a default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+from shunter.request import SamplingParams
+from shunter.server.errors import OpenAIError, bad_request
+
+# Parameters of the OpenAI (or vLLM) API that Shunter accepts only at these values.
+_DEFAULT_ONLY: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "min_tokens": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}), "prompt_logprobs": (None,), "min_p": (None, 0),
+    "use_beam_search": (None, False), "skip_special_tokens": (None, True), "include_stop_str_in_output": (None, False),
+    "logprobs_mode": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+}
+# Accepted and without effect on generation (metadata a client may send).
+_IGNORED = ("user", "metadata", "store", "service_tier", "request_id")
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: StrictStr
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: StrictInt | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    priority: StrictInt = 0
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    max_tokens: StrictInt | None = 16
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+
+
+@dataclass
+class Generation:
+    """A checked request: what to dispatch and how to answer."""
+
+    model: str
+    params: SamplingParams
+    priority: int
+    stream: bool
+    include_usage: bool
+    max_tokens_given: bool  # False: run to the context's end (chat's default)
+
+
+def parse(cls: type[_Common], body: Any) -> _Common:
+    """Validate a JSON body against `cls`; 400 naming the first bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        field = str(err["loc"][0]) if err["loc"] else None
+        raise bad_request(f"invalid value for '{param}': {err['msg']}", param=field) from None
+    _check_extras(req)
+    return req
+
+
+def _check_extras(req: _Common) -> None:
+    for name, value in (req.model_extra or {}).items():
+        if name in _IGNORED:
+            continue
+        if name not in _DEFAULT_ONLY:
+            raise bad_request(f"unknown parameter '{name}'", param=name)
+        if not _is_default(value, _DEFAULT_ONLY[name]):
+            raise bad_request(f"parameter '{name}' is not supported by Shunter (got {value!r}); "
+                              f"leave it out", param=name)
+
+
+def _is_default(value: Any, allowed: tuple) -> bool:
+    # bool is an int in Python: `logprobs: 0` is not `logprobs: false`.
+    return value is None or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
+
+
+def generation(req: _Common, max_tokens: int | None) -> Generation:
+    """Sampling parameters from the common fields; 400 naming a bad value."""
+    if req.n != 1:
+        raise bad_request(f"n must be 1 (Shunter returns one choice per request), got {req.n}", param="n")
+    opts = req.stream_options or {}
+    unknown = set(opts) - {"include_usage", "continuous_usage_stats"}
+    if unknown:
+        raise bad_request(f"unknown stream option(s): {', '.join(sorted(unknown))}", param="stream_options")
+    if opts and not req.stream:
+        raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
+    for name in ("temperature", "top_p"):
+        value = getattr(req, name)
+        if value is not None and not math.isfinite(value):
+            raise bad_request(f"{name} must be a finite number, got {value!r}", param=name)
+    if max_tokens is not None and max_tokens <= 0:
+        raise bad_request(f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stop):
+        raise bad_request("stop strings must not be empty", param="stop")
+    try:
+        params = SamplingParams(
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=-1 if req.top_k is None or req.top_k == 0 else req.top_k,
+            max_tokens=max_tokens or 1,  # replaced by the context's room when not given
+            seed=req.seed,
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as exc:
+        param = str(exc).split(" ", 1)[0]
+        raise bad_request(str(exc), param=param) from None
+    return Generation(req.model, params, req.priority, req.stream, bool(opts.get("include_usage")),
+                      max_tokens is not None)
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request (text or token ids)."""
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(f"one prompt per request is supported, got {len(prompt)}", param="prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise bad_request("the prompt is empty", param="prompt")
+    return prompt
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The conversation as plain {role, content} dicts for the chat template (text parts joined)."""
+    if not req.messages:
+        raise bad_request("messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.model_extra:
+            name = next(iter(m.model_extra))
+            if name != "name":
+                raise bad_request(f"message field '{name}' is not supported", param=f"messages.{i}.{name}")
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"only text content parts are supported, got {part.get('type')!r}",
+                                      param=f"messages.{i}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if m.role not in ("system", "user", "assistant", "developer"):
+            raise bad_request(f"unsupported message role {m.role!r}", param=f"messages.{i}.role")
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return out
+
+
+def check_model(name: str, served: list[str]) -> None:
+    if name not in served:
+        raise OpenAIError(404, f"The model '{name}' does not exist. Served: {', '.join(served)}",
+                          "NotFoundError", "model", "model_not_found")

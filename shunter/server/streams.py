@@ -1,0 +1,64 @@
+"""One request's output stream in the frontend: ordered deltas in, text chunks out.
+
+Deltas arrive from whichever instance owns the request, each with its output
+index. The stream keeps the next index it expects: a delta wholly before it is
+a duplicate and is dropped, one that overlaps it is trimmed, one beyond it is
+a gap, which ends the stream with an error rather than with wrong text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from shunter.request import TokenDelta
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """New tokens for the client, and at the end why the request stopped (and an error message, if any)."""
+
+    token_ids: list[int]
+    time: float
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RequestStream:
+    """The frontend's state for one live request."""
+
+    request_id: str
+    instance_id: str
+    num_prompt_tokens: int
+    arrival_time: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    next_index: int = 0
+    finished: bool = False
+    num_duplicates: int = 0
+
+    def push(self, delta: TokenDelta, error: str | None = None) -> None:
+        """Take a delta from the owning instance (called on the event loop)."""
+        if self.finished:
+            return
+        tokens = delta.new_token_ids
+        if delta.output_index > self.next_index:
+            self.finish("error", delta.time, f"lost tokens: expected output index {self.next_index}, "
+                                             f"got {delta.output_index}")
+            return
+        skip = self.next_index - delta.output_index
+        if skip and tokens:
+            self.num_duplicates += min(skip, len(tokens))
+            tokens = tokens[skip:]
+        if not tokens and delta.finish_reason is None:
+            return
+        self.next_index += len(tokens)
+        if delta.finish_reason is not None:
+            self.finished = True
+        self.queue.put_nowait(StreamEvent(list(tokens), delta.time, delta.finish_reason, error))
+
+    def finish(self, reason: str, time: float, error: str | None = None) -> None:
+        """End the stream from the frontend's side (instance lost, gap, shutdown)."""
+        if not self.finished:
+            self.finished = True
+            self.queue.put_nowait(StreamEvent([], time, reason, error))
