@@ -17,6 +17,7 @@ from shunter.errors import CLIError
 # Modules that add a top-level subcommand.
 COMMAND_MODULES = [
     "shunter.generate_cli",
+    "shunter.server.cli",
     "shunter.sim.cli",
     "shunter.profiling.cli",
     "shunter.bench.cli",

@@ -1,0 +1,137 @@
+"""`shunter serve`: an OpenAI-compatible server over several instances, each a Ray actor.
+
+    shunter serve                                  # built-in SmolLM2, 2 instances, http://127.0.0.1:8000
+    shunter serve --model /path/to/hf-dir --instances 4 --policy llumnix --port 8080
+    shunter serve --ray-address auto               # join a running Ray cluster (instances on other machines)
+
+Flags that `vllm serve` also has mean the same here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+
+from shunter.errors import CLIError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over the OpenAI API on several instances (Ray actors)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model name(s) clients ask for (default: the model's directory or file name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once per instance")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step per instance")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: sized for the device)")
+    p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn prefix caching off")
+    p.add_argument("--instances", type=int, default=2, help="instances to start (default 2)")
+    p.add_argument("--threads-per-instance", type=int, default=None,
+                   help="torch threads per instance (default: this machine's cores / instances, at least 1)")
+    p.add_argument("--policy", default="infaas",
+                   help="policy bundle whose dispatch policy to use: rr, infaas, llumnix, shunter "
+                        "(live migration between serving instances is not wired in yet: bundles dispatch only)")
+    p.add_argument("--dispatch", default=None, help="dispatch policy (overrides the bundle's; see shunter simulate --list)")
+    p.add_argument("--report-interval", type=float, default=0.05,
+                   help="seconds between the load reports each instance pushes (default 0.05)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting a local Ray")
+    p.add_argument("--runtime", default="ray", choices=["ray", "local"],
+                   help="ray: each instance a Ray actor (default); local: instances as threads of this process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from shunter.cluster.bundles import BUNDLES, build_policy
+    from shunter.cluster.dispatch import DISPATCH
+    from shunter.runtime.spec import InstanceSpec
+
+    _check_args(args)
+    if args.policy not in BUNDLES.names():
+        raise CLIError(f"unknown policy bundle {args.policy!r}: use one of {', '.join(BUNDLES.names())}")
+    if args.dispatch is not None and args.dispatch not in DISPATCH.names():
+        raise CLIError(f"unknown dispatch policy {args.dispatch!r}: use one of {', '.join(DISPATCH.names())}")
+    # Dispatch only: live migration between real instances comes with its own runtime support.
+    policy = build_policy(args.policy, dispatch=args.dispatch, migration="none")
+    threads = args.threads_per_instance or max(1, (os.cpu_count() or 1) // args.instances)
+    started = time.monotonic()
+    from shunter.model.loader import load_tokenizer_and_context, prepare_checkpoint, source_path
+
+    source = prepare_checkpoint(args.model)  # a GGUF file is converted once, before any instance loads it
+    tokenizer, model_len = load_tokenizer_and_context(source)
+    if args.max_model_len is not None and args.max_model_len > model_len:
+        raise CLIError(f"--max-model-len {args.max_model_len} exceeds the model's context of {model_len} tokens")
+    spec = InstanceSpec(
+        model=source_path(source), dtype=args.dtype, device=args.device, num_threads=threads,
+        block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=args.prefix_caching, report_interval=args.report_interval, seed=args.seed,
+    )
+    names = tuple(args.served_model_name or [default_model_name(args.model)])
+    from shunter.server.runner import Server, ServerSettings, local_handles, ray_handles
+
+    if args.runtime == "ray":
+        start_ray(args.ray_address)
+    settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances,
+                              served_model_names=names, log_level=args.log_level, seed=args.seed)
+    server = Server(settings, spec, policy, tokenizer, model_len,
+                    ray_handles if args.runtime == "ray" else local_handles)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(srv: Server) -> None:
+        print(f"shunter: serving {names[0]} on {srv.url} with {args.instances} instance(s) "
+              f"({args.runtime}, {threads} thread(s) each, dispatch {policy.dispatch}); "
+              f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+
+    asyncio.run(server.serve(on_ready=ready))
+    return 0
+
+
+def _check_args(args) -> None:
+    for name in ("port", "instances", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        value = getattr(args, name)
+        if value <= 0 or (name == "port" and value > 65535):
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer{' up to 65535' if name == 'port' else ''}, got {value}")
+    for name in ("num_blocks", "max_model_len", "threads_per_instance"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.report_interval <= 0:
+        raise CLIError(f"--report-interval must be positive, got {args.report_interval}")
+
+
+def default_model_name(model: str | None) -> str:
+    """What clients call the model: the built-in's name, else the directory or file name."""
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    base = os.path.basename(os.path.normpath(model))
+    return base.removesuffix(".gguf") or model
+
+
+def start_ray(address: str | None) -> None:
+    """Join `address`, or start a local Ray (quietly: no dashboard, logs only on errors)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise CLIError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
