@@ -1,0 +1,180 @@
+"""The real `openai` client against a real server on 127.0.0.1 (in-process null-executor instances)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from shunter.runtime.handles import InstanceState
+from shunter.server.runner import wait_until
+from tests.server.conftest import MODEL, client, engine_requests, used_blocks
+
+
+def test_completion_not_streamed_returns_text_and_usage(start_server):
+    server = start_server()
+    out = client(server).completions.create(model=MODEL, prompt="Say hello", max_tokens=4)
+    assert out.choices[0].text == " hello world hello world"
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 4
+    assert out.usage.prompt_tokens == 2
+    assert out.usage.total_tokens == 6
+
+
+def test_completion_streamed_concatenates_to_the_same_text_with_usage_last(start_server):
+    server = start_server()
+    chunks = list(client(server).completions.create(model=MODEL, prompt="Say hello", max_tokens=6, stream=True,
+                                                    stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == " hello world hello world hello world"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(start_server):
+    server = start_server()
+    chunks = list(client(server).completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True))
+    assert all(c.choices for c in chunks)
+
+
+def test_chat_applies_the_template_and_streams_role_then_content(start_server, tokenizer):
+    server = start_server()
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == " hello world"
+    assert whole.usage.prompt_tokens == len(tokenizer.apply_chat_template(messages))
+    chunks = list(client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True,
+                                                         stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == " hello world"
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+def test_chat_without_max_tokens_runs_to_the_context_end(start_server, tokenizer):
+    server = start_server(max_model_len=64)
+    messages = [{"role": "user", "content": "Hi"}]
+    out = client(server).chat.completions.create(model=MODEL, messages=messages)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.total_tokens == 64
+
+
+def test_stop_string_ends_the_text_exactly_before_it_and_frees_the_request(start_server):
+    server = start_server()
+    out = client(server).completions.create(model=MODEL, prompt="x", max_tokens=50, stop=[" world hello w"])
+    assert out.choices[0].text == " hello"
+    assert out.choices[0].finish_reason == "stop"
+    assert wait_until(lambda: engine_requests(server) == 0, 5)
+    streamed = client(server).completions.create(model=MODEL, prompt="x", max_tokens=50, stop="o w", stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == " hell"
+
+
+def test_concurrent_streams_spread_over_both_instances(start_server):
+    server = start_server(instances=2, policy="rr", null_step_time=0.01)
+    results = []
+
+    def one() -> None:
+        chunks = client(server).completions.create(model=MODEL, prompt="x", max_tokens=8, stream=True)
+        results.append("".join(c.choices[0].text for c in chunks))
+
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [" hello world" * 4] * 10
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    per_instance = {s.labels["instance"]: s.value for s in families["shunter_dispatches"].samples
+                    if s.name == "shunter_dispatches_total"}
+    assert per_instance == {"0": 5.0, "1": 5.0}
+
+
+def test_metrics_parse_and_count_tokens_and_successes(start_server):
+    server = start_server(instances=1)
+    client(server).completions.create(model=MODEL, prompt="Say hello", max_tokens=5)
+    text = httpx.get(server.url + "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    labels = (("instance", "0"), ("model_name", MODEL))
+    assert samples[("vllm:generation_tokens_total", labels)] == 5
+    assert samples[("vllm:prompt_tokens_total", labels)] == 2
+    assert samples[("vllm:request_success_total", (("finished_reason", "length"),) + labels)] == 1
+    assert samples[("vllm:time_to_first_token_seconds_count", labels)] == 1
+    assert samples[("vllm:inter_token_latency_seconds_count", labels)] == 4
+    assert samples[("vllm:e2e_request_latency_seconds_count", labels)] == 1
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert (name, labels) in samples
+
+
+def test_drained_instance_gets_no_new_work(start_server):
+    server = start_server(instances=2, policy="rr")
+    resp = httpx.post(server.url + "/admin/instances/0/drain")
+    assert resp.status_code == 200 and resp.json()["state"] == "draining"
+    for _ in range(6):
+        client(server).completions.create(model=MODEL, prompt="x", max_tokens=2)
+    dispatched = {s.labels["instance"]: s.value
+                  for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+                  for s in f.samples if s.name == "shunter_dispatches_total"}
+    assert dispatched == {"1": 6.0}
+    listed = httpx.get(server.url + "/admin/instances").json()["instances"]
+    assert [(i["id"], i["state"]) for i in listed] == [("0", "draining"), ("1", "ready")]
+    assert listed[1]["load"]["num_total_blocks"] > 0
+
+
+def test_admin_adds_an_instance_that_then_takes_work(start_server):
+    server = start_server(instances=1, policy="rr")
+    resp = httpx.post(server.url + "/admin/instances", timeout=30)
+    assert resp.status_code == 201 and resp.json()["id"] == "1" and resp.json()["state"] == "ready"
+    for _ in range(4):
+        client(server).completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert server.frontend.metrics.dispatches.labels("round-robin", "1")._value.get() == 2
+
+
+def test_admin_unknown_instance_is_404_with_an_openai_body(start_server):
+    server = start_server(instances=1)
+    resp = httpx.post(server.url + "/admin/instances/7/drain")
+    assert resp.status_code == 404
+    assert "7" in resp.json()["error"]["message"]
+
+
+def test_models_health_version(start_server):
+    server = start_server(instances=1)
+    assert [m.id for m in client(server).models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/version").json()["version"]
+
+
+def test_health_is_503_when_every_instance_is_drained(start_server):
+    server = start_server(instances=1)
+    httpx.post(server.url + "/admin/instances/0/drain")
+    assert server.frontend.handles["0"].state is InstanceState.DRAINING
+    assert httpx.get(server.url + "/health").status_code == 503
+    resp = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert resp.status_code == 503 and "draining" in resp.json()["error"]["message"]
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_every_block(start_server):
+    server = start_server(instances=1, null_step_time=0.02)
+    body = {"model": MODEL, "prompt": "x" * 40, "max_tokens": 200, "stream": True}
+    with httpx.Client(timeout=10) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert engine_requests(server) == 1
+    assert wait_until(lambda: engine_requests(server) == 0, 5)
+    assert used_blocks(server) == 0
+    assert server.frontend.num_live_requests() == 0
+
+
+def test_client_disconnect_while_waiting_for_a_whole_answer_aborts(start_server):
+    server = start_server(instances=1, null_step_time=0.02)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200}
+    try:
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    except httpx.TimeoutException:
+        pass
+    assert wait_until(lambda: engine_requests(server) == 0, 5)
+    assert used_blocks(server) == 0
