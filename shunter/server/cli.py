@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                    help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting a local Ray")
     p.add_argument("--runtime", default="ray", choices=["ray", "local"],
                    help="ray: each instance a Ray actor (default); local: instances as threads of this process")
+    p.add_argument("--null-engine", action="store_true",
+                   help="benchmarks only: instances load no model and emit tokens instantly "
+                        "(measures the frontend and the token path on their own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -79,6 +82,9 @@ def run(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=args.prefix_caching, report_interval=args.report_interval, seed=args.seed,
     )
+    if args.null_engine:
+        spec = spec.replace(executor="null", model=None,
+                            null_token_ids=tokenizer.encode(NULL_ENGINE_TEXT, add_special_tokens=False))
     names = tuple(args.served_model_name or [default_model_name(args.model)])
     from shunter.server.runner import Server, ServerSettings, local_handles, ray_handles
 
@@ -97,6 +103,10 @@ def run(args) -> int:
 
     asyncio.run(server.serve(on_ready=ready))
     return 0
+
+
+# What a null engine says, over and over (a real tokenization of it, so detokenizing costs what it does).
+NULL_ENGINE_TEXT = " The quick brown fox jumps over the lazy dog."
 
 
 def _check_args(args) -> None:
