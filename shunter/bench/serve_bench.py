@@ -75,9 +75,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     check_loopback_url(args.url)  # before anything else: nothing may be sent off this machine
     try:
-        import httpx  # noqa: F401  (the one client library the load generator needs)
+        import aiohttp  # noqa: F401  (the one client library the load generator needs)
     except ModuleNotFoundError:
-        raise CLIError("shunter bench serve needs httpx: pip install httpx") from None
+        raise CLIError("shunter bench serve needs aiohttp (the serve extra): pip install 'shunter[serve]'") from None
     _check_args(args)
     workload = _workload(args)
     requests, clipping = build_requests(workload)

@@ -52,10 +52,12 @@ class EngineLoop:
 
     report_interval: seconds between load reports (pushed with the next message).
     clock: the wall clock (`time.monotonic`); injectable for tests.
+    on_push: called (in the loop thread) after each new message, so an
+        in-process poller can wake without a thread of its own waiting in `poll`.
     """
 
     def __init__(self, engine: InstanceEngine, report_interval: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_push: Callable[[], None] | None = None) -> None:
         if report_interval <= 0:
             raise ValueError(f"report_interval must be positive, got {report_interval!r}")
         self.engine = engine
@@ -71,6 +73,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=f"engine-{engine.instance_id}", daemon=True)
         self.num_steps = 0
         self.last_error: str | None = None
+        self.on_push = on_push
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -195,6 +198,8 @@ class EngineLoop:
                 self._seq += 1
                 self._outbox.append(StepMessage(self._seq, deltas or [], report, errors or {}))
             self._cond.notify_all()
+        if self.on_push is not None:
+            self.on_push()
 
     # ---- commands' bodies (loop thread) ------------------------------------------------------
     def _add(self, engine: InstanceEngine, request: Request, now: float) -> None:

@@ -131,11 +131,16 @@ class LocalInstance(InstanceHandle):
         super().__init__(instance_id, spec, role)
         self._engine = engine  # prebuilt (tests pass one with a fake executor); else built from `spec`
         self.loop: EngineLoop | None = None
+        self._pushed: asyncio.Event | None = None
 
     async def start(self) -> None:
         engine, facts = (self._engine, {"executor": "given"}) if self._engine is not None else \
             await asyncio.to_thread(build_engine, self.spec, self.instance_id)
-        self.loop = EngineLoop(engine, self.spec.report_interval)
+        # The loop thread wakes the poller through the event loop: no thread sits blocked in `poll`.
+        aio_loop = asyncio.get_running_loop()
+        pushed = self._pushed = asyncio.Event()
+        self.loop = EngineLoop(engine, self.spec.report_interval,
+                               on_push=lambda: aio_loop.call_soon_threadsafe(pushed.set))
         self.config = engine.config
         self.facts = facts
         self.loop.start()
@@ -143,7 +148,15 @@ class LocalInstance(InstanceHandle):
         self.state = InstanceState.READY
 
     async def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
-        return await asyncio.to_thread(self.loop.poll, after_seq, timeout)
+        self._pushed.clear()  # before looking: a push after this sets it again
+        messages = self.loop.poll(after_seq, 0.0)
+        if not messages:
+            try:
+                await asyncio.wait_for(self._pushed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            messages = self.loop.poll(after_seq, 0.0)
+        return messages
 
     async def shutdown(self) -> None:
         if self.loop is not None:

@@ -159,6 +159,7 @@ class _Answer:
         self.created = int(time.time())
         self.detok = state.tokenizer.detokenizer(stop)
         self.object = "chat.completion" if chat else "text_completion"
+        self._chunk_prefix: str | None = None
 
     async def _texts(self, stream) -> AsyncIterator[tuple[str, str | None, str | None]]:
         """(new text, finish reason, error) as events arrive; the request is aborted if the caller stops early."""
@@ -169,9 +170,10 @@ class _Answer:
                 self.num_tokens += len(event.token_ids)
                 delta = self.detok.add_tokens(event.token_ids)
                 text, reason = delta.text, event.finish_reason
-                if delta.stopped and reason is None:
-                    frontend.finish_stopped(self.request_id)
-                    reason = "stop"
+                if delta.stopped:
+                    if reason is None:
+                        frontend.finish_stopped(self.request_id)
+                    reason = "stop"  # the stop string came first, even in the request's last tokens
                 if reason is not None:
                     done = True
                     if not delta.stopped:
@@ -219,15 +221,22 @@ class _Answer:
                 "choices": [choice], "usage": self.usage()}
 
     def _chunk(self, text: str | None, reason: str | None, first: bool = False) -> str:
+        # Built from a per-request prefix: one json.dumps of the text per chunk, not of the whole object.
+        if self._chunk_prefix is None:
+            obj = "chat.completion.chunk" if self.chat else "text_completion"
+            self._chunk_prefix = (f'data: {{"id":{json.dumps(self.request_id)},"object":"{obj}",'
+                                  f'"created":{self.created},"model":{json.dumps(self.gen.model)},'
+                                  f'"choices":[{{"index":0,')
+        finish = "null" if reason is None else json.dumps(reason)
         if self.chat:
-            delta: dict = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            obj = "chat.completion.chunk"
+            if first:
+                delta = '{"role":"assistant","content":""}'
+            else:
+                delta = "{}" if text is None else f'{{"content":{json.dumps(text)}}}'
+            body = f'"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]}}'
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            obj = "text_completion"
-        return _sse({"id": self.request_id, "object": obj, "created": self.created, "model": self.gen.model,
-                     "choices": [choice]})
+            body = f'"text":{json.dumps(text or "")},"logprobs":null,"finish_reason":{finish}}}]}}'
+        return self._chunk_prefix + body + "\n\n"
 
     async def sse(self, stream) -> AsyncIterator[str]:
         if self.chat:

@@ -146,9 +146,17 @@ class Frontend:
         return stream
 
     async def events(self, stream: RequestStream) -> AsyncIterator[StreamEvent]:
-        """The stream's events until it finishes (the last one carries the finish reason)."""
+        """The stream's events until it finishes (the last one carries the finish reason).
+
+        Events that queued up while the client was being served are merged into
+        one, so a busy server writes fewer, larger chunks instead of falling behind.
+        """
+        queue = stream.queue
         while True:
-            event = await stream.queue.get()
+            event = await queue.get()
+            while event.finish_reason is None and not queue.empty():
+                more = queue.get_nowait()
+                event = StreamEvent(event.token_ids + more.token_ids, more.time, more.finish_reason, more.error)
             yield event
             if event.finish_reason is not None:
                 return
