@@ -9,6 +9,7 @@ BENCH_MODULES = [
     "shunter.bench.sim_bench",
     "shunter.bench.fidelity",
     "shunter.bench.startup_bench",
+    "shunter.bench.frontend_bench",
     "shunter.bench.serve_bench",
 ]
 
