@@ -43,7 +43,7 @@ def build_app(state: ServerState) -> FastAPI:
     """The FastAPI application over `state` (the caller starts and stops the frontend)."""
     app = FastAPI(title="Shunter", version=shunter.__version__, docs_url=None, redoc_url=None)
     app.state.shunter = state
-    install_handlers(app)
+    install_handlers(app, on_error=lambda status: state.frontend.metrics.rejected.labels(str(status)).inc())
 
     @app.get("/health")
     async def health() -> Response:

@@ -8,6 +8,7 @@ answered with a 500 that carries no traceback or file path).
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,24 +44,28 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, "BadRequestError", param, 400)
 
 
-def install_handlers(app: FastAPI) -> None:
-    """Answer every error in OpenAI's shape."""
+def install_handlers(app: FastAPI, on_error: Callable[[int], None] = lambda status: None) -> None:
+    """Answer every error in OpenAI's shape; `on_error(status)` counts each (the rejection metric)."""
+
+    def answer(exc: OpenAIError) -> JSONResponse:
+        on_error(exc.status)
+        return exc.response()
 
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
+        return answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        return bad_request(f"invalid request: {err['msg']}").response()
+        return answer(bad_request(f"invalid request: {err['msg']}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return OpenAIError(exc.status_code, str(exc.detail)).response()
+        return answer(OpenAIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return OpenAIError(500, f"internal error ({type(exc).__name__}); the server log has the details",
-                           "InternalServerError").response()
+        return answer(OpenAIError(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                                  "InternalServerError"))

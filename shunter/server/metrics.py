@@ -23,12 +23,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ServerMetrics:
-    """Every metric of one server; label `instance` on the per-instance ones."""
+    """Every metric of one server; label `engine` (the instance id, vLLM's label name) on the per-instance ones.
+
+    Not `instance`: Prometheus sets that label to the scrape target and would
+    rename ours to `exported_instance`.
+    """
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        r, labels = self.registry, ["model_name", "instance"]
+        r, labels = self.registry, ["model_name", "engine"]
         self.running = Gauge("vllm:num_requests_running", "Requests running on the instance (last report).",
                              labels, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting on the instance (last report).",
@@ -46,8 +50,8 @@ class ServerMetrics:
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                labels + ["finished_reason"], registry=r)
         self.dispatches = Counter("shunter_dispatches", "Requests dispatched, by policy and instance.",
-                                  ["policy", "instance"], registry=r)
-        self.rejected = Counter("shunter_requests_rejected", "Requests refused before dispatch, by HTTP status.",
+                                  ["policy", "engine"], registry=r)
+        self.rejected = Counter("shunter_requests_rejected", "Requests answered with an error status, by status.",
                                 ["status"], registry=r)
         self.instances = Gauge("shunter_instances", "Instances by state.", ["state"], registry=r)
 

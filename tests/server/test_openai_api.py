@@ -87,7 +87,7 @@ def test_concurrent_streams_spread_over_both_instances(start_server):
         t.join(30)
     assert results == [" hello world" * 4] * 10
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
-    per_instance = {s.labels["instance"]: s.value for s in families["shunter_dispatches"].samples
+    per_instance = {s.labels["engine"]: s.value for s in families["shunter_dispatches"].samples
                     if s.name == "shunter_dispatches_total"}
     assert per_instance == {"0": 5.0, "1": 5.0}
 
@@ -98,10 +98,10 @@ def test_metrics_parse_and_count_tokens_and_successes(start_server):
     text = httpx.get(server.url + "/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
-    labels = (("instance", "0"), ("model_name", MODEL))
+    labels = (("engine", "0"), ("model_name", MODEL))
     assert samples[("vllm:generation_tokens_total", labels)] == 5
     assert samples[("vllm:prompt_tokens_total", labels)] == 2
-    assert samples[("vllm:request_success_total", (("finished_reason", "length"),) + labels)] == 1
+    assert samples[("vllm:request_success_total", (labels[0], ("finished_reason", "length"), labels[1]))] == 1
     assert samples[("vllm:time_to_first_token_seconds_count", labels)] == 1
     assert samples[("vllm:inter_token_latency_seconds_count", labels)] == 4
     assert samples[("vllm:e2e_request_latency_seconds_count", labels)] == 1
@@ -115,7 +115,7 @@ def test_drained_instance_gets_no_new_work(start_server):
     assert resp.status_code == 200 and resp.json()["state"] == "draining"
     for _ in range(6):
         client(server).completions.create(model=MODEL, prompt="x", max_tokens=2)
-    dispatched = {s.labels["instance"]: s.value
+    dispatched = {s.labels["engine"]: s.value
                   for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
                   for s in f.samples if s.name == "shunter_dispatches_total"}
     assert dispatched == {"1": 6.0}

@@ -71,4 +71,4 @@ def test_concurrent_chat_streams_on_both_instances(ray_server):
     assert len(texts) == 4 and all(texts)
     metrics = httpx.get(ray_server.url + "/metrics").text
     for instance in ("0", "1"):
-        assert f'shunter_dispatches_total{{instance="{instance}",policy="round-robin"}}' in metrics
+        assert f'shunter_dispatches_total{{engine="{instance}",policy="round-robin"}}' in metrics
