@@ -18,6 +18,14 @@ from shunter.cli import build_parser, main
     (["generate", "hi", "--top-k", "-5"], "top_k"),
     (["generate", "hi", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
     (["bench", "engine", "--requests", "0"], "--requests"),
+    (["serve", "--instances", "0"], "--instances"),
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--policy", "fastest"], "fastest"),
+    (["serve", "--dispatch", "magic"], "magic"),
+    (["serve", "--report-interval", "0"], "--report-interval"),
+    (["serve", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
+    (["bench", "frontend", "--concurrency", "0"], "--concurrency"),
+    (["bench", "vllm", "--vllm-python", "/nope/python", "--vllm-cli", "x", "--vllm-model", "y"], "/nope/python"),
 ])
 def test_bad_input_is_one_line(argv, named, capsys):
     assert main(argv) == 2

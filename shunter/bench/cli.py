@@ -10,6 +10,7 @@ BENCH_MODULES = [
     "shunter.bench.fidelity",
     "shunter.bench.startup_bench",
     "shunter.bench.frontend_bench",
+    "shunter.bench.peer_bench",
     "shunter.bench.serve_bench",
 ]
 
