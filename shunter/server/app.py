@@ -239,18 +239,20 @@ class _Answer:
         return self._chunk_prefix + body + "\n\n"
 
     async def sse(self, stream) -> AsyncIterator[str]:
-        if self.chat:
-            yield self._chunk(None, None, first=True)
+        # Chat's role chunk goes out with the first tokens, as vLLM's does: a client timing its
+        # first chunk measures the time to the first token, not to the request's acceptance.
+        role = self._chunk(None, None, first=True) if self.chat else ""
         async for text, reason, error in self._texts(stream):
             if error is not None or reason == "error":
-                yield _sse(OpenAIError(500, f"the request failed: {error or 'instance error'}").body())
+                yield role + _sse(OpenAIError(500, f"the request failed: {error or 'instance error'}").body())
+                role = ""
                 break
-            if reason is None:
-                yield self._chunk(text, None)
-                continue
-            if text:
-                yield self._chunk(text, None)
-            yield self._chunk(None if self.chat else "", reason)
+            out = role + (self._chunk(text, None) if text else "")
+            if reason is not None:
+                out += self._chunk(None if self.chat else "", reason)
+            role = ""
+            if out:
+                yield out
         if self.gen.include_usage:
             yield _sse({"id": self.request_id, "object": "chat.completion.chunk" if self.chat else self.object,
                         "created": self.created, "model": self.gen.model, "choices": [], "usage": self.usage()})

@@ -178,3 +178,31 @@ def test_client_disconnect_while_waiting_for_a_whole_answer_aborts(start_server)
         pass
     assert wait_until(lambda: engine_requests(server) == 0, 5)
     assert used_blocks(server) == 0
+
+
+def test_priority_field_runs_high_priority_requests_first(start_server):
+    import time
+
+    server = start_server(instances=1, null_step_time=0.01, max_num_seqs=1)
+    finished: dict[str, float] = {}
+
+    def send(name: str, priority: int) -> None:
+        client(server).completions.create(model=MODEL, prompt="x", max_tokens=15, extra_body={"priority": priority})
+        finished[name] = time.monotonic()
+
+    threads = []
+    for name, priority in [("low-1", 0), ("low-2", 0), ("low-3", 0), ("high", 5)]:
+        threads.append(threading.Thread(target=send, args=(name, priority)))
+        threads[-1].start()
+        time.sleep(0.03)  # arrive in this order
+    for t in threads:
+        t.join(30)
+    assert len(finished) == 4
+    # One seat: the high-priority request, last to arrive, finishes before the low ones queued ahead of it.
+    assert finished["high"] < finished["low-2"] and finished["high"] < finished["low-3"]
+
+
+def test_bad_priority_type_is_refused(start_server):
+    server = start_server(instances=1)
+    resp = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "priority": "high"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "priority"
