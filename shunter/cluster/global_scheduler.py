@@ -142,11 +142,27 @@ class GlobalScheduler:
         """
         if len(self.instances) < 2 or self.policy.migration == "none":
             return []
+        return self._orders(self.pairing_policy, num_migrations, only_draining=False)
+
+    def drain_step(self, now: float, num_migrations: Callable[[str], int] = lambda _: 0) -> list[MigrationOrder]:
+        """Orders that move requests off draining instances when no migration policy runs.
+
+        With a migration policy, `control_step` already empties draining
+        instances (they are its first sources). Without one (`none`), a drain
+        still moves every request away: Llumnix's pairing, draining sources only.
+        """
+        if len(self.instances) < 2 or not self.draining or self.policy.migration != "none":
+            return []
+        return self._orders(MIGRATION.get("llumnix"), num_migrations, only_draining=True)
+
+    def _orders(self, pairing, num_migrations: Callable[[str], int], only_draining: bool) -> list[MigrationOrder]:
         loads = [InstanceLoad(self.views[i.instance_id], i.instance_id in self.draining, num_migrations(i.instance_id))
                  for i in self.instances]
         cfg = self.policy.migration_policy
         orders = []
-        for pair in self.pairing_policy(loads, cfg, self.policy.load):
+        for pair in pairing(loads, cfg, self.policy.load):
+            if only_draining and not loads[pair.src].is_draining:
+                continue
             source = self.instances[pair.src]
             candidates = source.migration_candidates()
             if pair.waiting_only:

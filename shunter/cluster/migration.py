@@ -303,6 +303,13 @@ class MigrationCoordinator:
         m.abort_reason = reason
         self._end(m, now, ABORTED)
 
+    def give_up(self, m: Migration, now: float, reason: str) -> None:
+        """End a migration without calling its instances (one is unreachable); the driver frees what it can."""
+        if not m.is_active:
+            return
+        m.abort_reason = reason
+        self._end(m, now, ABORTED)
+
     # ---- internals ----------------------------------------------------------------------
     def _move_waiting(self, m: Migration, now: float) -> None:
         state = m.src.export_waiting(m.request_id, now)

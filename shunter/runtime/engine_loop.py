@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from shunter.engine import InstanceEngine, LoadReport
+from shunter.engine.scheduler import MigrationCandidate
 from shunter.request import Request, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,15 @@ class StepMessage:
 
     errors: request id -> why it ended with finish reason "error" (e.g. the
         instance refused it, or a step failed).
+    candidates: with each report, the requests that could migrate away now
+        (so the global scheduler's migration policies never ask for them).
     """
 
     seq: int
     deltas: list[TokenDelta] = field(default_factory=list)
     report: LoadReport | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    candidates: list[MigrationCandidate] | None = None
 
 
 class EngineLoop:
@@ -114,6 +118,10 @@ class EngineLoop:
 
     def load_report(self) -> Future[LoadReport]:
         return self.call(lambda engine, now: engine.load_report(now))
+
+    def engine_call(self, name: str, *args) -> Future:
+        """Call `engine.<name>(*args)` between steps (the calls of live migration)."""
+        return self.call(lambda engine, now: getattr(engine, name)(*args))
 
     # ---- outbox (the frontend's side) -----------------------------------------------------
     def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
@@ -186,17 +194,18 @@ class EngineLoop:
         now = self.clock()
         if now >= self._next_report:
             self._next_report = now + self.report_interval
-            self._push(report=self.engine.load_report(now))
+            self._push(report=self.engine.load_report(now), candidates=self.engine.migration_candidates())
 
     def _push(self, deltas: list[TokenDelta] | None = None, report: LoadReport | None = None,
-              errors: dict[str, str] | None = None) -> None:
+              errors: dict[str, str] | None = None, candidates: list[MigrationCandidate] | None = None) -> None:
         with self._cond:
             last = self._outbox[-1] if self._outbox else None
             if report is not None and not deltas and not errors and last is not None and last.seq > self._handed_out:
                 last.report = report  # not yet handed out: the newer report replaces the older
+                last.candidates = candidates
             else:
                 self._seq += 1
-                self._outbox.append(StepMessage(self._seq, deltas or [], report, errors or {}))
+                self._outbox.append(StepMessage(self._seq, deltas or [], report, errors or {}, candidates))
             self._cond.notify_all()
         if self.on_push is not None:
             self.on_push()

@@ -42,6 +42,7 @@ class InstanceHandle:
         self.config: SchedulerConfig | None = None
         self.facts: dict = {}
         self.last_report: LoadReport | None = None
+        self.candidates: list[MigrationCandidate] = []  # pushed with each report
         self.error: str | None = None
 
     # ---- the cluster's Instance calls used by dispatch -----------------------------------
@@ -74,7 +75,8 @@ class InstanceHandle:
         return self.last_report
 
     def migration_candidates(self) -> list[MigrationCandidate]:
-        return []  # live migration between real instances is not wired in yet
+        """What the instance last said could migrate away (pushed with its report)."""
+        return self.candidates
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -109,6 +111,16 @@ class InstanceHandle:
         raise NotImplementedError
 
     async def shutdown(self) -> None:
+        raise NotImplementedError
+
+    # ---- blocking calls, for the migration driver's thread (never the event loop) ---------------
+    def engine_call(self, name: str, *args, timeout: float = 30.0):
+        """`engine.<name>(*args)` on the instance, between two of its steps; its result."""
+        raise NotImplementedError
+
+    def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
+                    timeout: float = 60.0) -> None:
+        """Copy these KV blocks (all layers) of this instance into `dst_block_ids` of `dst`."""
         raise NotImplementedError
 
     def _send_add(self, request: Request) -> None:
@@ -162,6 +174,14 @@ class LocalInstance(InstanceHandle):
         if self.loop is not None:
             await asyncio.to_thread(self.loop.stop)
         self.state = InstanceState.STOPPED
+
+    def engine_call(self, name: str, *args, timeout: float = 30.0):
+        return self.loop.engine_call(name, *args).result(timeout)
+
+    def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
+                    timeout: float = 60.0) -> None:
+        payload = self.loop.call(lambda engine, now: engine.executor.read_blocks(src_block_ids)).result(timeout)
+        dst.loop.call(lambda engine, now: engine.executor.write_blocks(dst_block_ids, payload)).result(timeout)
 
     def _send_add(self, request: Request) -> None:
         self.loop.add_request(request)

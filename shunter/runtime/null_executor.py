@@ -34,3 +34,11 @@ class NullExecutor:
             [ids[s.request.num_output_tokens % len(ids)] if s.needs_sample else None for s in batch.scheduled],
             self.step_time,
         )
+
+    # Live migration moves KV blocks; the null engine keeps none, so there is nothing to carry.
+    def read_blocks(self, block_ids: Sequence[int]) -> list[None]:
+        return [None] * len(block_ids)
+
+    def write_blocks(self, block_ids: Sequence[int], payload: Sequence[None]) -> None:
+        if len(payload) != len(block_ids):
+            raise ValueError(f"KV payload has {len(payload)} blocks for {len(block_ids)} block ids")

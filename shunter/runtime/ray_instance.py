@@ -1,5 +1,9 @@
 """Instances as Ray actors: each one its own process, its engine loop a thread inside it.
 
+Live migration's engine calls and KV copies are actor calls too: a copy's
+payload goes from the source actor to the destination actor through Ray's
+object store (shared memory on one machine, Ray's transfer across machines).
+
 The actor has two concurrency groups: commands (add, abort, finish) run one at
 a time in the order the frontend sent them, so an abort can never overtake the
 add it cancels; `poll` runs in its own group, so a poll waiting for the next
@@ -42,6 +46,17 @@ class InstanceWorker:
 
     def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
         return self.loop.poll(after_seq, timeout)
+
+    def engine_call(self, name: str, *args):
+        return self.loop.engine_call(name, *args).result()
+
+    def read_blocks(self, block_ids: list[int]):
+        """These blocks' KV, all layers (read between steps: a small copy out of the cache)."""
+        return self.loop.call(lambda engine, now: engine.executor.read_blocks(block_ids)).result()
+
+    def write_blocks(self, block_ids: list[int], payload) -> None:
+        """Store a `read_blocks` payload of another instance into (reserved) `block_ids`."""
+        self.loop.call(lambda engine, now: engine.executor.write_blocks(block_ids, payload)).result()
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -92,6 +107,20 @@ class RayInstance(InstanceHandle):
                 pass
             ray.kill(self.actor)
         self.state = InstanceState.STOPPED
+
+    def engine_call(self, name: str, *args, timeout: float = 30.0):
+        import ray
+
+        return ray.get(self.actor.engine_call.remote(name, *args), timeout=timeout)
+
+    def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
+                    timeout: float = 60.0) -> None:
+        import ray
+
+        # The payload goes from this actor to the destination actor through Ray's object store;
+        # the frontend passes only the reference.
+        payload = self.actor.read_blocks.remote(src_block_ids)
+        ray.get(dst.actor.write_blocks.remote(dst_block_ids, payload), timeout=timeout)
 
     def _send_add(self, request: Request) -> None:
         self.actor.add_request.remote(request)

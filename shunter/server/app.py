@@ -22,7 +22,8 @@ import shunter
 from shunter.model.tokenizer import Tokenizer
 from shunter.server import protocol
 from shunter.server.errors import OpenAIError, bad_request, install_handlers
-from shunter.server.frontend import Frontend, NoInstanceError, UnknownInstanceError
+from shunter.cluster.migration import MigrationRefused
+from shunter.server.frontend import Frontend, NoInstanceError, UnknownInstanceError, UnknownRequestError
 from shunter.server.metrics import CONTENT_TYPE
 from shunter.server.protocol import ChatCompletionRequest, CompletionRequest, Generation
 
@@ -106,10 +107,36 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/admin/instances/{instance_id}/drain")
     async def drain(instance_id: str) -> dict:
+        frontend = state.frontend
         try:
-            return state.frontend.drain(instance_id).describe()
+            handle = frontend.get_handle(instance_id)
         except UnknownInstanceError:
             raise OpenAIError(404, f"no instance {instance_id!r}", param="instance_id") from None
+        if [h.instance_id for h in frontend.ready_instances] == [instance_id]:
+            raise OpenAIError(409, f"instance {instance_id} is the last one taking work: add one before draining it",
+                              "ConflictError", "instance_id")
+        return frontend.drain(handle.instance_id).describe()
+
+    @app.get("/admin/requests")
+    async def list_requests() -> dict:
+        return {"requests": [{"id": rid, "instance": s.instance_id, "num_output_tokens": s.next_index,
+                              "migrating": state.frontend.migrations.is_busy(rid)}
+                             for rid, s in state.frontend.streams.items()]}
+
+    @app.post("/admin/requests/{request_id}/migrate")
+    async def migrate(request_id: str, request: Request) -> dict:
+        body = await _json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("to"), str):
+            raise bad_request('the body must be {"to": "<instance id>"}', param="to")
+        try:
+            m = await state.frontend.migrate(request_id, body["to"])
+        except UnknownRequestError:
+            raise OpenAIError(404, f"no live request {request_id!r}", param="request_id") from None
+        except UnknownInstanceError:
+            raise OpenAIError(404, f"no instance {body['to']!r}", param="to") from None
+        except MigrationRefused as exc:
+            raise OpenAIError(409, str(exc), "ConflictError", "to") from None
+        return m.to_json()
 
     return app
 

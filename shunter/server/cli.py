@@ -39,9 +39,12 @@ def register(subparsers) -> None:
     p.add_argument("--threads-per-instance", type=int, default=None,
                    help="torch threads per instance (default: this machine's cores / instances, at least 1)")
     p.add_argument("--policy", default="infaas",
-                   help="policy bundle whose dispatch policy to use: rr, infaas, llumnix, shunter "
-                        "(live migration between serving instances is not wired in yet: bundles dispatch only)")
+                   help="policy bundle (dispatch + live-migration policy): rr, infaas, llumnix, shunter")
     p.add_argument("--dispatch", default=None, help="dispatch policy (overrides the bundle's; see shunter simulate --list)")
+    p.add_argument("--migration", default=None,
+                   help="migration pairing policy: none, llumnix, shunter (overrides the bundle's)")
+    p.add_argument("--control-interval", type=float, default=0.05,
+                   help="seconds between migration decisions over the pushed load reports (default 0.05)")
     p.add_argument("--report-interval", type=float, default=0.05,
                    help="seconds between the load reports each instance pushes (default 0.05)")
     p.add_argument("--ray-address", default=None,
@@ -59,6 +62,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from shunter.cluster.bundles import BUNDLES, build_policy
     from shunter.cluster.dispatch import DISPATCH
+    from shunter.cluster.migration_policy import MIGRATION
     from shunter.runtime.spec import InstanceSpec
 
     _check_args(args)
@@ -66,8 +70,9 @@ def run(args) -> int:
         raise CLIError(f"unknown policy bundle {args.policy!r}: use one of {', '.join(BUNDLES.names())}")
     if args.dispatch is not None and args.dispatch not in DISPATCH.names():
         raise CLIError(f"unknown dispatch policy {args.dispatch!r}: use one of {', '.join(DISPATCH.names())}")
-    # Dispatch only: live migration between real instances comes with its own runtime support.
-    policy = build_policy(args.policy, dispatch=args.dispatch, migration="none")
+    if args.migration is not None and args.migration not in MIGRATION.names():
+        raise CLIError(f"unknown migration policy {args.migration!r}: use one of {', '.join(MIGRATION.names())}")
+    policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration)
     threads = args.threads_per_instance or max(1, (os.cpu_count() or 1) // args.instances)
     started = time.monotonic()
     from shunter.model.loader import load_tokenizer_and_context, prepare_checkpoint, source_path
@@ -91,14 +96,15 @@ def run(args) -> int:
     if args.runtime == "ray":
         start_ray(args.ray_address)
     settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances,
-                              served_model_names=names, log_level=args.log_level, seed=args.seed)
+                              served_model_names=names, log_level=args.log_level, seed=args.seed,
+                              control_interval=args.control_interval)
     server = Server(settings, spec, policy, tokenizer, model_len,
                     ray_handles if args.runtime == "ray" else local_handles)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def ready(srv: Server) -> None:
         print(f"shunter: serving {names[0]} on {srv.url} with {args.instances} instance(s) "
-              f"({args.runtime}, {threads} thread(s) each, dispatch {policy.dispatch}); "
+              f"({args.runtime}, {threads} thread(s) each, dispatch {policy.dispatch}, migration {policy.migration}); "
               f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
     asyncio.run(server.serve(on_ready=ready))
@@ -118,8 +124,9 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.report_interval <= 0:
-        raise CLIError(f"--report-interval must be positive, got {args.report_interval}")
+    for name in ("report_interval", "control_interval"):
+        if getattr(args, name) <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
 
 def default_model_name(model: str | None) -> str:

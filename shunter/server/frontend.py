@@ -22,9 +22,11 @@ from collections import Counter
 from typing import AsyncIterator, Callable
 
 from shunter.cluster.bundles import PolicyConfig
-from shunter.cluster.global_scheduler import GlobalScheduler
+from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
+from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
 from shunter.request import Request, SamplingParams, TokenDelta
 from shunter.runtime.handles import InstanceHandle, InstanceState
+from shunter.runtime.migration_driver import MigrationDriver
 from shunter.runtime.spec import InstanceSpec
 from shunter.server.metrics import ServerMetrics
 from shunter.server.streams import RequestStream, StreamEvent
@@ -43,11 +45,16 @@ class UnknownInstanceError(KeyError):
     pass
 
 
+class UnknownRequestError(KeyError):
+    """No live request by that id (never was, or finished)."""
+
+
 class Frontend:
     """Owns the instances and every live request's stream."""
 
     def __init__(self, make_handle: HandleFactory, spec: InstanceSpec, policy: PolicyConfig, model_name: str,
-                 eos_token_id: int | None, seed: int = 0) -> None:
+                 eos_token_id: int | None, seed: int = 0, control_interval: float = 0.05,
+                 migration: MigrationConfig | None = None) -> None:
         self.make_handle = make_handle
         self.spec = spec
         self.policy = policy
@@ -61,6 +68,10 @@ class Frontend:
         self._instance_ids = itertools.count()
         self._request_ids = itertools.count()
         self._last_token_time: dict[str, float] = {}
+        self.control_interval = control_interval
+        self.coordinator = MigrationCoordinator(migration or MigrationConfig(), spec.block_size)
+        self.migrations: MigrationDriver | None = None  # started with the event loop (`start`)
+        self._control_task: asyncio.Task | None = None
 
     # ---- instances -----------------------------------------------------------------------
     async def add_instance(self, role: str = "mixed") -> InstanceHandle:
@@ -84,11 +95,17 @@ class Frontend:
         return handle
 
     async def start(self, num_instances: int) -> None:
-        """Start `num_instances` instances side by side."""
+        """Start `num_instances` instances side by side, the migration driver and the control loop."""
+        loop = asyncio.get_running_loop()
+        self.migrations = MigrationDriver(
+            self.coordinator,
+            on_commit=lambda m: loop.call_soon_threadsafe(self._migrated, m),
+            on_end=lambda m: loop.call_soon_threadsafe(self._migration_ended, m))
         results = await asyncio.gather(*(self.add_instance() for _ in range(num_instances)), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
+        self._control_task = asyncio.create_task(self._control_loop(), name="control")
 
     def get_handle(self, instance_id: str) -> InstanceHandle:
         try:
@@ -114,6 +131,10 @@ class Frontend:
         return [h for h in self.handles.values() if h.state is InstanceState.READY]
 
     async def shutdown(self) -> None:
+        if self._control_task is not None:
+            self._control_task.cancel()
+        if self.migrations is not None:
+            await asyncio.to_thread(self.migrations.stop)
         for task in self._pumps.values():
             task.cancel()
         for rid in list(self.streams):
@@ -201,6 +222,8 @@ class Frontend:
                     seq = message.seq
                     if message.report is not None:
                         handle.last_report = message.report
+                        if message.candidates is not None:
+                            handle.candidates = message.candidates
                         self.scheduler.update_reports([message.report])
                         self.metrics.observe_report(message.report)
                     for delta in message.deltas:
@@ -241,6 +264,60 @@ class Frontend:
             if stream.instance_id == handle.instance_id:
                 self._end(rid, "error", f"instance {handle.instance_id} failed")
         self._update_state_gauge()
+
+    # ---- live migration ---------------------------------------------------------------------------
+    async def migrate(self, request_id: str, dst_id: str) -> Migration:
+        """Move a live request to instance `dst_id` now; the finished `Migration` (committed or aborted).
+
+        UnknownRequestError / UnknownInstanceError (nothing changed) if either
+        is unknown; MigrationRefused if the order cannot start (same instance,
+        already migrating, destination not taking work).
+        """
+        stream = self.streams.get(request_id)
+        if stream is None:
+            raise UnknownRequestError(request_id)
+        dst = self.get_handle(dst_id)
+        if dst.state is not InstanceState.READY:
+            raise MigrationRefused(f"instance {dst_id} is {dst.state.value}: it takes no work")
+        src = self.get_handle(stream.instance_id)
+        return await asyncio.wrap_future(self.migrations.submit(request_id, src, dst))
+
+    def _order(self, order: MigrationOrder) -> None:
+        src, dst = self.handles.get(order.src_id), self.handles.get(order.dst_id)
+        if src is None or dst is None or dst.state is not InstanceState.READY or order.request_id not in self.streams:
+            return
+        try:
+            self.migrations.submit(order.request_id, src, dst)
+        except MigrationRefused:
+            pass  # already moving; the next tick sees fresher reports
+
+    async def _control_loop(self) -> None:
+        """Every control interval: the migration policy's orders (and a drain's) over the pushed reports."""
+        while True:
+            await asyncio.sleep(self.control_interval)
+            now = time.monotonic()
+            try:
+                orders = self.scheduler.control_step(now, self.migrations.num_active)
+                orders += self.scheduler.drain_step(now, self.migrations.num_active)
+            except Exception:  # a policy bug must not stop serving; it is logged and retried next tick
+                log.exception("control step failed")
+                continue
+            for order in orders:
+                self._order(order)
+
+    def _migrated(self, m: Migration) -> None:
+        """A commit (on the event loop): the owner map now points at the destination."""
+        stream = self.streams.get(m.request_id)
+        if stream is None:
+            # The client left while the last copy was in flight; the destination owns an orphan now.
+            dst = self.handles.get(m.dst_id)
+            if dst is not None:
+                dst.abort_request(m.request_id, time.monotonic())
+            return
+        stream.instance_id = m.dst_id
+
+    def _migration_ended(self, m: Migration) -> None:
+        self.metrics.observe_migration(m.src_id, m.dst_id, m.outcome, m.downtime)
 
     # ---- introspection ----------------------------------------------------------------------------
     def num_live_requests(self) -> int:

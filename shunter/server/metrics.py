@@ -19,6 +19,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
+MIGRATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -54,6 +55,11 @@ class ServerMetrics:
         self.rejected = Counter("shunter_requests_rejected", "Requests answered with an error status, by status.",
                                 ["status"], registry=r)
         self.instances = Gauge("shunter_instances", "Instances by state.", ["state"], registry=r)
+        self.migrations = Counter("shunter_migrations", "Live migrations, by source, destination and outcome.",
+                                  ["src", "dst", "outcome"], registry=r)
+        self.migration_downtime = Histogram("shunter_migration_downtime_seconds",
+                                            "Time a migrated request made no progress (the final stage).",
+                                            buckets=MIGRATION_BUCKETS, registry=r)
 
     def observe_report(self, report: LoadReport) -> None:
         labels = (self.model_name, report.instance_id)
@@ -75,6 +81,11 @@ class ServerMetrics:
         self.prompt_tokens.labels(*labels).inc(num_prompt_tokens)
         self.e2e.labels(*labels).observe(e2e)
         self.success.labels(*labels, reason).inc()
+
+    def observe_migration(self, src: str, dst: str, outcome: str, downtime: float | None) -> None:
+        self.migrations.labels(src, dst, outcome).inc()
+        if downtime is not None:
+            self.migration_downtime.observe(downtime)
 
     def set_instance_states(self, counts: dict[str, int]) -> None:
         for state, n in counts.items():

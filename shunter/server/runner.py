@@ -33,6 +33,7 @@ class ServerSettings:
     served_model_names: tuple[str, ...] = ("default",)
     log_level: str = "warning"
     seed: int = 0
+    control_interval: float = 0.05
 
 
 def local_handles(instance_id: str, spec: InstanceSpec) -> InstanceHandle:
@@ -52,7 +53,7 @@ class Server:
                  max_model_len: int, make_handle: HandleFactory = local_handles) -> None:
         self.settings = settings
         self.frontend = Frontend(make_handle, spec, policy, settings.served_model_names[0], tokenizer.eos_token_id,
-                                 seed=settings.seed)
+                                 seed=settings.seed, control_interval=settings.control_interval)
         max_len = spec.max_model_len or max_model_len
         self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len)
         self.app = build_app(self.state)

@@ -2,8 +2,13 @@
 
 Deltas arrive from whichever instance owns the request, each with its output
 index. The stream keeps the next index it expects: a delta wholly before it is
-a duplicate and is dropped, one that overlaps it is trimmed, one beyond it is
-a gap, which ends the stream with an error rather than with wrong text.
+a duplicate and is dropped, one that overlaps it is trimmed, one beyond it
+waits until the tokens before it arrive. That happens around a live
+migration: the destination's first tokens can reach the frontend before the
+source's last ones (two instances, two channels), and each channel delivers
+everything in order, so the gap always fills. A gap that never fills (more
+than `MAX_AHEAD` deltas waiting) ends the stream with an error rather than
+with wrong text.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 from shunter.request import TokenDelta
+
+MAX_AHEAD = 4096  # deltas held for a gap to fill before the stream is declared broken
 
 
 @dataclass(slots=True)
@@ -36,16 +43,30 @@ class RequestStream:
     next_index: int = 0
     finished: bool = False
     num_duplicates: int = 0
+    ahead: dict[int, list[tuple[TokenDelta, str | None]]] = field(default_factory=dict)
 
     def push(self, delta: TokenDelta, error: str | None = None) -> None:
-        """Take a delta from the owning instance (called on the event loop)."""
+        """Take a delta from an instance (called on the event loop); deltas ahead of a gap wait for it."""
+        if self.finished:
+            return
+        if delta.output_index > self.next_index:
+            self.ahead.setdefault(delta.output_index, []).append((delta, error))
+            if sum(len(v) for v in self.ahead.values()) > MAX_AHEAD:
+                self.finish("error", delta.time, f"lost tokens: expected output index {self.next_index}, "
+                                                 f"got up to {max(self.ahead)}")
+            return
+        self._take(delta, error)
+        while self.ahead and not self.finished:
+            waiting = [i for i in self.ahead if i <= self.next_index]
+            if not waiting:
+                break
+            for d, e in self.ahead.pop(min(waiting)):
+                self._take(d, e)
+
+    def _take(self, delta: TokenDelta, error: str | None) -> None:
         if self.finished:
             return
         tokens = delta.new_token_ids
-        if delta.output_index > self.next_index:
-            self.finish("error", delta.time, f"lost tokens: expected output index {self.next_index}, "
-                                             f"got {delta.output_index}")
-            return
         skip = self.next_index - delta.output_index
         if skip and tokens:
             self.num_duplicates += min(skip, len(tokens))

@@ -174,7 +174,7 @@ async def _drain(stream: RequestStream) -> list:
     return out
 
 
-def test_stream_drops_duplicates_trims_overlaps_and_fails_on_a_gap():
+def test_stream_drops_duplicates_trims_overlaps_and_waits_for_a_gap_to_fill():
     import asyncio
 
     async def run():
@@ -185,10 +185,31 @@ def test_stream_drops_duplicates_trims_overlaps_and_fails_on_a_gap():
         events = await _drain(s)
         assert [e.token_ids for e in events] == [[5], [6, 7]]
         assert s.next_index == 3 and s.num_duplicates == 2
-        s.push(TokenDelta("r", [9], 0.3, None, 5))  # tokens 3 and 4 never came
+        s.push(TokenDelta("r", [9], 0.3, None, 5))  # tokens 3 and 4 have not come yet (another instance's)
+        s.push(TokenDelta("r", [], 0.35, "length", 6))
+        assert await _drain(s) == []
+        s.push(TokenDelta("r", [7, 8], 0.4, None, 3))  # the gap fills: everything flows in order
+        events = await _drain(s)
+        assert [e.token_ids for e in events] == [[7, 8], [9], []]
+        assert events[-1].finish_reason == "length" and s.next_index == 6
+        s.push(TokenDelta("r", [8], 0.5, None, 6))  # after the end: ignored
+        assert await _drain(s) == []
+
+    asyncio.run(run())
+
+
+def test_stream_with_a_gap_that_never_fills_ends_with_an_error(monkeypatch):
+    import asyncio
+
+    from shunter.server import streams
+
+    monkeypatch.setattr(streams, "MAX_AHEAD", 3)
+
+    async def run():
+        s = RequestStream("r", "0", 3, 0.0)
+        for i in range(4):
+            s.push(TokenDelta("r", [1], 0.1, None, 2 + i))
         events = await _drain(s)
         assert events[-1].finish_reason == "error" and "lost tokens" in events[-1].error
-        s.push(TokenDelta("r", [8], 0.4, None, 3))  # after the end: ignored
-        assert await _drain(s) == []
 
     asyncio.run(run())

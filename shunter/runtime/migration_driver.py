@@ -1,0 +1,177 @@
+"""Live migration between real instances: the cluster's state machine driven with the wall clock.
+
+`MigrationDriver` runs `shunter.cluster.migration.MigrationCoordinator` (the
+very object the simulator drives with virtual time) in a thread of the
+frontend process, one migration at a time: each coordinator call on an
+instance becomes a blocking engine call on it (`HandleEndpoint`), applied
+between two of its steps; each stage's copy goes from the source instance
+straight to the destination (`InstanceHandle.copy_blocks`). Stage k copies the
+full blocks filled since stage k-1 while the request keeps decoding on the
+source; the final stage suspends it there, copies the rest and commits on the
+destination. The frontend learns of every commit (`on_commit`) and moves the
+request's entry in its owner map.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+from shunter.cluster.migration import Migration, MigrationCoordinator, MigrationRefused
+from shunter.engine.scheduler import MigrationCandidate, MigrationSnapshot, RequestState
+from shunter.runtime.handles import InstanceHandle
+
+log = logging.getLogger(__name__)
+
+
+class HandleEndpoint:
+    """An instance handle as the coordinator's `MigrationEndpoint`: every call a blocking engine call."""
+
+    def __init__(self, handle: InstanceHandle) -> None:
+        self.handle = handle
+        self.instance_id = handle.instance_id
+
+    def _call(self, name: str, *args):
+        return self.handle.engine_call(name, *args)
+
+    def begin_migration(self, request_id: str) -> MigrationSnapshot | None:
+        return self._call("begin_migration", request_id)
+
+    def migration_progress(self, request_id: str) -> MigrationSnapshot | None:
+        return self._call("migration_progress", request_id)
+
+    def suspend_migrating(self, request_id: str) -> RequestState | None:
+        return self._call("suspend_migrating", request_id)
+
+    def end_migration(self, request_id: str) -> None:
+        self._call("end_migration", request_id)
+
+    def release_migrated(self, request_id: str, now: float) -> bool:
+        return self._call("release_migrated", request_id, now)
+
+    def export_waiting(self, request_id: str, now: float) -> RequestState | None:
+        return self._call("export_waiting", request_id, now)
+
+    def migration_refusal(self, request_id: str, num_tokens: int, max_num_tokens: int,
+                          needs_seat: bool = True) -> str | None:
+        return self._call("migration_refusal", request_id, num_tokens, max_num_tokens, needs_seat)
+
+    def reserve_migration(self, migration_id: str, request_id: str, num_tokens: int) -> list[int] | None:
+        return self._call("reserve_migration", migration_id, request_id, num_tokens)
+
+    def reserved_block_ids(self, migration_id: str) -> list[int]:
+        return self._call("reserved_block_ids", migration_id)
+
+    def cancel_migration(self, migration_id: str) -> int:
+        return self._call("cancel_migration", migration_id)
+
+    def import_request(self, state: RequestState, migration_id: str | None = None):
+        self._call("import_request", state, migration_id)
+
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        return self._call("migration_candidates")
+
+
+class MigrationDriver:
+    """Carries out migration orders in its own thread; each order's `Migration` comes back in a future.
+
+    on_commit / on_end: called (in the driver's thread) when a migration
+    commits / ends either way.
+    """
+
+    def __init__(self, coordinator: MigrationCoordinator, clock: Callable[[], float] = time.monotonic,
+                 on_commit: Callable[[Migration], None] | None = None,
+                 on_end: Callable[[Migration], None] | None = None) -> None:
+        self.coordinator = coordinator
+        self.clock = clock
+        self.on_commit = on_commit
+        self.on_end = on_end
+        self._orders: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued: set[str] = set()  # request ids ordered but not started yet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="migration-driver", daemon=True)
+        self._thread.start()
+        self.history: list[Migration] = []
+
+    def refusal(self, request_id: str, src_id: str, dst_id: str) -> str | None:
+        """Why an order cannot be taken now (None if it can)."""
+        with self._lock:
+            return self._refusal(request_id, src_id, dst_id)
+
+    def is_busy(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._queued or request_id in self.coordinator.request_to_migration
+
+    def submit(self, request_id: str, src: InstanceHandle, dst: InstanceHandle) -> Future[Migration]:
+        """Queue an order; MigrationRefused (nothing queued) if it cannot start."""
+        with self._lock:
+            reason = self._refusal(request_id, src.instance_id, dst.instance_id)
+            if reason is not None:
+                raise MigrationRefused(reason)
+            self._queued.add(request_id)
+        future: Future[Migration] = Future()
+        self._orders.put((request_id, src, dst, future))
+        return future
+
+    def _refusal(self, request_id: str, src_id: str, dst_id: str) -> str | None:
+        if request_id in self._queued:
+            return f"request {request_id!r} is already migrating (queued)"
+        return self.coordinator.refusal(request_id, src_id, dst_id)
+
+    def num_active(self, instance_id: str) -> int:
+        """Migrations in flight with this instance as source or destination (for the pairing policy)."""
+        return self.coordinator.num_active(instance_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._orders.put(None)
+        self._thread.join(10)
+
+    # ---- the driver's thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            item = self._orders.get()
+            if item is None:
+                break
+            request_id, src, dst, future = item
+            try:
+                m = self._migrate(request_id, src, dst)
+            except BaseException as exc:  # reported to whoever ordered it; the driver carries on
+                log.exception("migration of %s from %s to %s failed", request_id, src.instance_id, dst.instance_id)
+                future.set_exception(exc)
+            else:
+                future.set_result(m)
+
+    def _migrate(self, request_id: str, src: InstanceHandle, dst: InstanceHandle) -> Migration:
+        coordinator = self.coordinator
+        with self._lock:
+            self._queued.discard(request_id)
+            m = coordinator.start(request_id, HandleEndpoint(src), HandleEndpoint(dst), self.clock())
+        try:
+            while m.is_active:
+                plan = coordinator.advance(m, self.clock())
+                if plan is None:
+                    break  # aborted, or a waiting request moved in one step
+                if plan.num_blocks:
+                    src.copy_blocks(dst, plan.src_block_ids, plan.dst_block_ids)
+                if plan.is_final:
+                    coordinator.commit(m, self.clock())
+        except Exception as exc:  # an instance died or a call timed out: give the request back to the source
+            try:
+                coordinator.abort(m, self.clock(), f"{type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("aborting migration %s failed too", m.migration_id)
+                coordinator.give_up(m, self.clock(), f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.history.append(m)
+            if m.outcome == "committed" and self.on_commit is not None:
+                self.on_commit(m)
+            if self.on_end is not None:
+                self.on_end(m)
+        return m
