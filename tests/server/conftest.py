@@ -8,6 +8,7 @@ everything from HTTP to the block manager in seconds.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import openai
 import pytest
@@ -70,3 +71,43 @@ def used_blocks(server: Server) -> int:
     """KV blocks in use on any instance (prefix-cached blocks no request holds count as free)."""
     return sum(h.loop.call(lambda e, now: e.scheduler.block_manager.num_used_blocks).result(5)
                for h in server.frontend.handles.values())
+
+
+@pytest.fixture
+def start_fake_server(tokenizer):
+    """start_fake_server(instances=2, step_time=0.01, num_blocks=64 or a list, **policy) -> a running Server.
+
+    Its instances run the real engine loop and scheduler over the tests' `FakeExecutor`, whose tokens
+    depend on the KV it reads back from the blocks: a block lost or copied wrong in a migration
+    changes the output.
+    """
+    from shunter.runtime.handles import LocalInstance
+    from tests.factories import make_engine
+
+    servers = []
+
+    def start(instances: int = 2, step_time: float = 0.01, num_blocks=64, policy: str = "rr",
+              migration: str | None = None, max_num_seqs: int = 16) -> Server:
+        blocks = num_blocks if isinstance(num_blocks, list) else [num_blocks] * instances
+
+        def make_handle(instance_id: str, spec: InstanceSpec) -> LocalInstance:
+            engine = make_engine(instance_id, num_blocks=blocks[int(instance_id)], max_num_seqs=max_num_seqs)
+            inner = engine.executor.execute
+            engine.executor.execute = lambda batch: (time.sleep(step_time), inner(batch))[1]
+            return LocalInstance(instance_id, spec, engine=engine)
+
+        spec = InstanceSpec(executor="null", block_size=4, report_interval=0.02)
+        settings = ServerSettings(port=0, num_instances=instances, served_model_names=(MODEL,),
+                                  control_interval=0.02)
+        server = Server(settings, spec, build_policy(policy, migration=migration), tokenizer, 512, make_handle)
+        servers.append(server.start_in_thread(timeout=60))
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def instance_requests(server: Server, instance_id: str) -> int:
+    handle = server.frontend.handles[instance_id]
+    return handle.loop.call(lambda e, now: len(e.scheduler.requests) + len(e.scheduler.incoming)).result(5)

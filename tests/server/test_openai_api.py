@@ -147,13 +147,14 @@ def test_models_health_version(start_server):
     assert httpx.get(server.url + "/version").json()["version"]
 
 
-def test_health_is_503_when_every_instance_is_drained(start_server):
-    server = start_server(instances=1)
-    httpx.post(server.url + "/admin/instances/0/drain")
-    assert server.frontend.handles["0"].state is InstanceState.DRAINING
-    assert httpx.get(server.url + "/health").status_code == 503
-    resp = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
-    assert resp.status_code == 503 and "draining" in resp.json()["error"]["message"]
+def test_draining_the_last_instance_that_takes_work_is_refused(start_server):
+    server = start_server(instances=2)
+    assert httpx.post(server.url + "/admin/instances/0/drain").status_code == 200
+    resp = httpx.post(server.url + "/admin/instances/1/drain")
+    assert resp.status_code == 409 and "last one" in resp.json()["error"]["message"]
+    assert server.frontend.handles["1"].state is InstanceState.READY
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert client(server).completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_every_block(start_server):
