@@ -11,7 +11,7 @@ from shunter.cluster.bundles import build_policy
 from shunter.model.loader import load_tokenizer_and_context, prepare_checkpoint, source_path
 from shunter.runtime.spec import InstanceSpec
 from shunter.server.cli import start_ray
-from shunter.server.runner import Server, ServerSettings, ray_handles
+from shunter.server.runner import Server, ServerSettings, ray_handles, wait_until
 from tests.server.conftest import client
 
 pytestmark = pytest.mark.slow
@@ -72,3 +72,32 @@ def test_concurrent_chat_streams_on_both_instances(ray_server):
     metrics = httpx.get(ray_server.url + "/metrics").text
     for instance in ("0", "1"):
         assert f'shunter_dispatches_total{{engine="{instance}",policy="round-robin"}}' in metrics
+
+
+def test_a_live_migration_between_ray_actors_keeps_the_greedy_output(ray_server):
+    from shunter import LLM, SamplingParams
+
+    prompt = "Write a short story about a lighthouse keeper."
+    offline = LLM(num_blocks=256, max_num_seqs=4).generate([prompt], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))[0]
+    stream = client(ray_server).completions.create(model=MODEL, prompt=prompt, max_tokens=64, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True})
+    pieces, migration = [], {}
+    for i, chunk in enumerate(stream):
+        pieces.append(chunk.choices[0].text)
+        if i == 3:
+            owner = next(r["instance"] for r in httpx.get(ray_server.url + "/admin/requests").json()["requests"]
+                         if r["id"] == chunk.id)
+            other = "1" if owner == "0" else "0"
+            t = threading.Thread(target=lambda: migration.update(httpx.post(
+                f"{ray_server.url}/admin/requests/{chunk.id}/migrate", json={"to": other}, timeout=60).json()))
+            t.start()
+    t.join(60)
+    assert migration["outcome"] == "committed", migration
+    assert sum(migration["blocks_per_stage"]) >= 2
+    assert "".join(pieces) == offline.text
+
+    def all_free() -> bool:
+        listed = httpx.get(ray_server.url + "/admin/instances").json()["instances"]
+        return all(i["load"]["num_running"] == 0 and i["load"]["num_used_blocks"] == 0 for i in listed)
+
+    assert wait_until(all_free, 5)  # the pushed reports catch up within a report interval
