@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from shunter.bench import processes
 from shunter.errors import CLIError
 from shunter.sim.cli import HelpFormatter
 
@@ -59,11 +60,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         http = asyncio.run(_http_runs(url, args))
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        processes.stop(server)
     direct = asyncio.run(_direct_runs(args))
     result = {
         "workload": {"input_words": args.input_len, "output_tokens": args.output_len,
@@ -84,24 +81,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _start_server(port: int, args) -> subprocess.Popen:
     """`shunter serve --null-engine` in its own process; returns once /health answers."""
-    import urllib.request
-
     cmd = [sys.executable, "-m", "shunter", "serve", "--null-engine", "--port", str(port),
            "--instances", str(args.instances), "--runtime", args.runtime, "--policy", "rr"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise CLIError(f"the server exited before it was healthy: {proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise CLIError("the null-engine server did not become healthy within 120 s")
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    proc, _ = processes.start_until_healthy(cmd, port, 120, env, name="the null-engine server")
+    return proc
 
 
 async def _http_runs(url: str, args) -> dict:

@@ -21,10 +21,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
+from shunter.bench import processes
 from shunter.errors import CLIError
 from shunter.sim.cli import HelpFormatter
 
@@ -79,7 +78,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 results[side] = _client(args, port, name, args.num_prompts, args.max_concurrency,
                                         Path(out) / f"{side}.json")
             finally:
-                _stop(proc)
+                processes.stop(proc)
     _print(results, args)
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -110,31 +109,10 @@ def _start(side: str, port: int, name: str, args, log_path: Path) -> subprocess.
         cmd = [sys.executable, "-m", "shunter", "serve", "--port", str(port), "--instances", str(args.instances),
                "--served-model-name", name, *args.shunter_args.split()]
         timeout = 300.0
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise CLIError(f"{side} server exited ({proc.returncode}) before it was healthy; "
-                           f"its log ends: {log_path.read_text()[-1500:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    print(f"  {side} healthy after {time.monotonic() - start:.0f} s", file=sys.stderr)
-                    return proc
-        except OSError:
-            time.sleep(1)
-    _stop(proc)
-    raise CLIError(f"{side} server not healthy within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    with open(log_path, "w") as log:
+        proc, seconds = processes.start_until_healthy(cmd, port, timeout, env, log, name=f"{side} server")
+    print(f"  {side} healthy after {seconds:.0f} s", file=sys.stderr)
+    return proc
 
 
 def _client(args, port: int, name: str, num_prompts: int, concurrency: int, result: Path,

@@ -83,32 +83,15 @@ def run_bench(args: argparse.Namespace) -> int:
 def time_serve_until_healthy(cache: str, dtype: str, timeout: float = 180.0) -> float:
     """Seconds from starting `shunter serve --instances 2` to its first 200 on /health (then it is stopped)."""
     import os
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
+    from shunter.bench import processes
     from shunter.server.runner import free_port
 
     port = free_port()
     env = dict(os.environ, SHUNTER_CONVERTED_DIR=cache)
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "shunter", "serve", "--instances", "2", "--dtype", dtype,
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while time.perf_counter() - start < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError(f"shunter serve exited with {proc.returncode} before it was healthy")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return time.perf_counter() - start
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"shunter serve was not healthy within {timeout:g} s")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    proc, seconds = processes.start_until_healthy(
+        [sys.executable, "-m", "shunter", "serve", "--instances", "2", "--dtype", dtype, "--port", str(port)],
+        port, timeout, env, name="shunter serve")
+    processes.stop(proc)
+    return seconds

@@ -48,6 +48,19 @@ def stream_with_migration(server, after_chunks: int, to: str, max_tokens: int = 
     return "".join(pieces), migration
 
 
+def complete_all(server, prompts, max_tokens: int, wait: bool = True):
+    """Send every prompt at once, one thread each; ({index: text}, threads), joined if `wait`."""
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i, p=p: results.update({i: complete(server, max_tokens, p)[0]}))
+               for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    if wait:
+        for t in threads:
+            t.join(30)
+    return results, threads
+
+
 def assert_clean(server) -> None:
     assert wait_until(lambda: engine_requests(server) == 0, 5)
     assert used_blocks(server) == 0
@@ -166,21 +179,8 @@ def test_a_migration_to_a_draining_instance_is_refused(start_fake_server):
 def test_drain_moves_every_request_away_while_clients_see_normal_completions(start_fake_server):
     server = start_fake_server(instances=2, policy="rr", step_time=0.01, num_blocks=512)
     prompts = [[100 + i] * (9 + i) for i in range(6)]
-    refs = {}
-    ref_threads = [threading.Thread(target=lambda i=i: refs.update({i: complete(server, max_tokens=200,
-                                                                                prompt=prompts[i])[0]}))
-                   for i in range(6)]
-    for t in ref_threads:
-        t.start()
-    for t in ref_threads:
-        t.join(30)
-    references = [refs[i] for i in range(6)]
-    results = {}
-    threads = [threading.Thread(target=lambda i=i: results.update({i: complete(server, max_tokens=200,
-                                                                              prompt=prompts[i])[0]}))
-               for i in range(6)]
-    for t in threads:
-        t.start()
+    references, _ = complete_all(server, prompts, 200)
+    results, threads = complete_all(server, prompts, 200, wait=False)
     assert wait_until(lambda: instance_requests(server, "0") == 3, 5)
     drained_at = time.monotonic()
     assert httpx.post(server.url + "/admin/instances/0/drain").status_code == 200
@@ -189,7 +189,7 @@ def test_drain_moves_every_request_away_while_clients_see_normal_completions(sta
     still_running = sum(1 for t in threads if t.is_alive())
     for t in threads:
         t.join(30)
-    assert [results[i] for i in range(6)] == references
+    assert [results[i] for i in range(6)] == [references[i] for i in range(6)]
     # Instance 0 emptied while its clients were still streaming: by migration, not by finishing.
     assert still_running > 0, drain_seconds
     moved = server.frontend.metrics.migrations.labels("0", "1", "committed")._value.get()
