@@ -205,3 +205,18 @@ def test_metrics_count_migrations_and_their_downtime(start_fake_server):
     text = httpx.get(server.url + "/metrics").text
     assert 'shunter_migrations_total{dst="1",outcome="committed",src="0"} 1.0' in text
     assert "shunter_migration_downtime_seconds_count 1.0" in text
+
+
+def test_the_llumnix_policy_migrates_on_its_own_from_a_crowded_to_a_free_instance(start_fake_server):
+    # Instance 0 has room for ~2 of these requests, instance 1 for many: round robin splits them evenly,
+    # so instance 0 runs short of blocks and Llumnix's pairing moves requests to instance 1.
+    server = start_fake_server(instances=2, policy="rr", migration="llumnix", num_blocks=[40, 512], step_time=0.01)
+    prompts = [[200 + i] * (20 + i) for i in range(6)]
+    results, _ = complete_all(server, prompts, 100)
+    moved = server.frontend.metrics.migrations.labels("0", "1", "committed")._value.get()
+    assert moved >= 1
+    # The same prompts on a cluster that never migrates give the same text.
+    plain = start_fake_server(instances=2, policy="rr", num_blocks=[512, 512], step_time=0.0)
+    references, _ = complete_all(plain, prompts, 100)
+    assert results == references
+    assert_clean(server)
