@@ -122,9 +122,13 @@ class GlobalScheduler:
         instance.add_request(request)
         self.ctx.num_dispatched += 1
         self.num_dispatches += 1
-        view = self.views[instance.instance_id]
+        self.count_incoming(request, instance.instance_id)
+
+    def count_incoming(self, request: Request, instance_id: str) -> None:
+        """Add `request` to the view of `instance_id` as queued there (a dispatch, or a migration on its way)."""
+        view = self.views[instance_id]
         blocks = cdiv(request.num_tokens, view.block_size)
-        self.views[instance.instance_id] = dataclasses.replace(
+        self.views[instance_id] = dataclasses.replace(
             view,
             num_waiting=view.num_waiting + 1,
             head_block_demand=view.head_block_demand if view.num_waiting else blocks,

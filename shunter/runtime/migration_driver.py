@@ -2,14 +2,20 @@
 
 `MigrationDriver` runs `shunter.cluster.migration.MigrationCoordinator` (the
 very object the simulator drives with virtual time) in a thread of the
-frontend process, one migration at a time: each coordinator call on an
-instance becomes a blocking engine call on it (`HandleEndpoint`), applied
-between two of its steps; each stage's copy goes from the source instance
+frontend process: each coordinator call on an instance becomes a blocking
+engine call on it (`HandleEndpoint`), applied between two of its steps; each stage's copy goes from the source instance
 straight to the destination (`InstanceHandle.copy_blocks`). Stage k copies the
 full blocks filled since stage k-1 while the request keeps decoding on the
 source; the final stage suspends it there, copies the rest and commits on the
 destination. The frontend learns of every commit (`on_commit`) and moves the
 request's entry in its owner map.
+
+Several migrations run at once, one per worker thread (P/D hands every
+request off after its first token, so one at a time would fall behind). The
+coordinator is plain single-threaded code: a worker holds the driver's lock
+whenever it is inside the coordinator, and lets go of it only while it waits
+for an instance (`HandleEndpoint`) or copies blocks, so the coordinator's
+state is only ever touched by one thread at a time.
 """
 
 from __future__ import annotations
@@ -31,12 +37,19 @@ log = logging.getLogger(__name__)
 class HandleEndpoint:
     """An instance handle as the coordinator's `MigrationEndpoint`: every call a blocking engine call."""
 
-    def __init__(self, handle: InstanceHandle) -> None:
+    def __init__(self, handle: InstanceHandle, lock: threading.Lock | None = None) -> None:
         self.handle = handle
         self.instance_id = handle.instance_id
+        self.lock = lock  # the driver's, held by the calling thread: released while the instance answers
 
     def _call(self, name: str, *args):
-        return self.handle.engine_call(name, *args)
+        if self.lock is None:
+            return self.handle.engine_call(name, *args)
+        self.lock.release()
+        try:
+            return self.handle.engine_call(name, *args)
+        finally:
+            self.lock.acquire()
 
     def begin_migration(self, request_id: str) -> MigrationSnapshot | None:
         return self._call("begin_migration", request_id)
@@ -85,7 +98,7 @@ class MigrationDriver:
 
     def __init__(self, coordinator: MigrationCoordinator, clock: Callable[[], float] = time.monotonic,
                  on_commit: Callable[[Migration], None] | None = None,
-                 on_end: Callable[[Migration], None] | None = None) -> None:
+                 on_end: Callable[[Migration], None] | None = None, num_workers: int = 4) -> None:
         self.coordinator = coordinator
         self.clock = clock
         self.on_commit = on_commit
@@ -94,9 +107,11 @@ class MigrationDriver:
         self._lock = threading.Lock()
         self._queued: set[str] = set()  # request ids ordered but not started yet
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="migration-driver", daemon=True)
-        self._thread.start()
         self.history: list[Migration] = []
+        self._threads = [threading.Thread(target=self._run, name=f"migration-driver-{i}", daemon=True)
+                         for i in range(num_workers)]
+        for t in self._threads:
+            t.start()
 
     def refusal(self, request_id: str, src_id: str, dst_id: str) -> str | None:
         """Why an order cannot be taken now (None if it can)."""
@@ -129,8 +144,10 @@ class MigrationDriver:
 
     def stop(self) -> None:
         self._stop.set()
-        self._orders.put(None)
-        self._thread.join(10)
+        for _ in self._threads:
+            self._orders.put(None)
+        for t in self._threads:
+            t.join(10)
 
     # ---- the driver's thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -148,17 +165,36 @@ class MigrationDriver:
                 future.set_result(m)
 
     def _migrate(self, request_id: str, src: InstanceHandle, dst: InstanceHandle) -> Migration:
+        m: Migration | None = None
+        try:
+            with self._lock:
+                self._queued.discard(request_id)
+                m = self.coordinator.start(request_id, HandleEndpoint(src, self._lock),
+                                           HandleEndpoint(dst, self._lock), self.clock())
+                self.history.append(m)
+                self._run_stages(m, src, dst)
+        finally:
+            # Outside the lock: the callbacks only schedule work on the frontend's event loop.
+            if m is not None and m.outcome == "committed" and self.on_commit is not None:
+                self.on_commit(m)
+            if m is not None and self.on_end is not None:
+                self.on_end(m)
+        return m
+
+    def _run_stages(self, m: Migration, src: InstanceHandle, dst: InstanceHandle) -> None:
+        """Stage after stage until commit or abort (the caller holds the lock)."""
         coordinator = self.coordinator
-        with self._lock:
-            self._queued.discard(request_id)
-            m = coordinator.start(request_id, HandleEndpoint(src), HandleEndpoint(dst), self.clock())
         try:
             while m.is_active:
                 plan = coordinator.advance(m, self.clock())
                 if plan is None:
                     break  # aborted, or a waiting request moved in one step
                 if plan.num_blocks:
-                    src.copy_blocks(dst, plan.src_block_ids, plan.dst_block_ids)
+                    self._lock.release()  # the copy is between the two instances; others may go on
+                    try:
+                        src.copy_blocks(dst, plan.src_block_ids, plan.dst_block_ids)
+                    finally:
+                        self._lock.acquire()
                 if plan.is_final:
                     coordinator.commit(m, self.clock())
         except Exception as exc:  # an instance died or a call timed out: give the request back to the source
@@ -168,10 +204,3 @@ class MigrationDriver:
                 log.exception("aborting migration %s failed too", m.migration_id)
                 coordinator.give_up(m, self.clock(), f"{type(exc).__name__}: {exc}")
             raise
-        finally:
-            self.history.append(m)
-            if m.outcome == "committed" and self.on_commit is not None:
-                self.on_commit(m)
-            if self.on_end is not None:
-                self.on_end(m)
-        return m

@@ -98,9 +98,15 @@ def build_app(state: ServerState) -> FastAPI:
         return {"instances": [h.describe() for h in state.frontend.handles.values()]}
 
     @app.post("/admin/instances", status_code=201)
-    async def add_instance() -> dict:
+    async def add_instance(request: Request) -> dict:
+        raw = await request.body()
+        body = await _json(request) if raw.strip() else {}
+        role = body.get("role", "decode" if state.frontend.pd else "mixed") if isinstance(body, dict) else None
+        roles = ("prefill", "decode") if state.frontend.pd else ("mixed",)
+        if role not in roles:
+            raise bad_request(f"role must be one of {', '.join(roles)}, got {role!r}", param="role")
         try:
-            handle = await state.frontend.add_instance()
+            handle = await state.frontend.add_instance(role)
         except Exception as exc:
             raise OpenAIError(500, f"the new instance failed to start: {type(exc).__name__}: {exc}") from None
         return handle.describe()
@@ -112,9 +118,9 @@ def build_app(state: ServerState) -> FastAPI:
             handle = frontend.get_handle(instance_id)
         except UnknownInstanceError:
             raise OpenAIError(404, f"no instance {instance_id!r}", param="instance_id") from None
-        if [h.instance_id for h in frontend.ready_instances] == [instance_id]:
-            raise OpenAIError(409, f"instance {instance_id} is the last one taking work: add one before draining it",
-                              "ConflictError", "instance_id")
+        if [h.instance_id for h in frontend.ready_instances if h.role == handle.role] == [instance_id]:
+            raise OpenAIError(409, f"instance {instance_id} is the last {handle.role} instance taking work: "
+                                   f"add one before draining it", "ConflictError", "instance_id")
         return frontend.drain(handle.instance_id).describe()
 
     @app.get("/admin/requests")

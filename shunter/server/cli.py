@@ -36,6 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
                    help="turn prefix caching off")
     p.add_argument("--instances", type=int, default=2, help="instances to start (default 2)")
+    p.add_argument("--pd", default=None, metavar="P:D",
+                   help="prefill/decode disaggregation: P prefill and D decode instances (instead of --instances); "
+                        "each request prefills on a prefill instance and migrates to a decode instance after its "
+                        "first token")
     p.add_argument("--threads-per-instance", type=int, default=None,
                    help="torch threads per instance (default: this machine's cores / instances, at least 1)")
     p.add_argument("--policy", default="infaas",
@@ -73,6 +77,9 @@ def run(args) -> int:
     if args.migration is not None and args.migration not in MIGRATION.names():
         raise CLIError(f"unknown migration policy {args.migration!r}: use one of {', '.join(MIGRATION.names())}")
     policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration)
+    pd = parse_pd(args.pd)
+    if pd is not None:
+        args.instances = sum(pd)
     threads = args.threads_per_instance or max(1, (os.cpu_count() or 1) // args.instances)
     started = time.monotonic()
     from shunter.model.loader import load_tokenizer_and_context, prepare_checkpoint, source_path
@@ -95,7 +102,7 @@ def run(args) -> int:
 
     if args.runtime == "ray":
         start_ray(args.ray_address)
-    settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances,
+    settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances, pd=pd,
                               served_model_names=names, log_level=args.log_level, seed=args.seed,
                               control_interval=args.control_interval)
     server = Server(settings, spec, policy, tokenizer, model_len,
@@ -104,7 +111,8 @@ def run(args) -> int:
 
     def ready(srv: Server) -> None:
         print(f"shunter: serving {names[0]} on {srv.url} with {args.instances} instance(s) "
-              f"({args.runtime}, {threads} thread(s) each, dispatch {policy.dispatch}, migration {policy.migration}); "
+              f"({args.runtime}, {threads} thread(s) each, dispatch {policy.dispatch}, migration {policy.migration}"
+              f"{f', P/D {pd[0]}:{pd[1]}' if pd else ''}); "
               f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
     asyncio.run(server.serve(on_ready=ready))
@@ -127,6 +135,16 @@ def _check_args(args) -> None:
     for name in ("report_interval", "control_interval"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def parse_pd(text: str | None) -> tuple[int, int] | None:
+    """`P:D` -> (P, D), both at least 1; CLIError naming the value otherwise."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise CLIError(f"--pd must be P:D with P, D >= 1 (e.g. 1:1), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def default_model_name(model: str | None) -> str:

@@ -54,13 +54,17 @@ class Frontend:
 
     def __init__(self, make_handle: HandleFactory, spec: InstanceSpec, policy: PolicyConfig, model_name: str,
                  eos_token_id: int | None, seed: int = 0, control_interval: float = 0.05,
-                 migration: MigrationConfig | None = None) -> None:
+                 migration: MigrationConfig | None = None, pd: tuple[int, int] | None = None) -> None:
         self.make_handle = make_handle
         self.spec = spec
         self.policy = policy
         self.model_name = model_name
         self.eos_token_id = eos_token_id
         self.scheduler = GlobalScheduler(policy=policy, seed=seed)
+        # P/D disaggregation: new requests go to prefill instances (`scheduler`); after its first
+        # token each migrates to a decode instance picked by the same dispatch policy (`decode_scheduler`).
+        self.pd = pd
+        self.decode_scheduler = GlobalScheduler(policy=policy, seed=seed + 1) if pd else None
         self.metrics = ServerMetrics(model_name)
         self.handles: dict[str, InstanceHandle] = {}
         self.streams: dict[str, RequestStream] = {}
@@ -76,6 +80,11 @@ class Frontend:
     # ---- instances -----------------------------------------------------------------------
     async def add_instance(self, role: str = "mixed") -> InstanceHandle:
         """Start one more instance; it takes work once it is up (its first report seeds dispatch)."""
+        handle = await self._launch(role)
+        self._register(handle)
+        return handle
+
+    async def _launch(self, role: str) -> InstanceHandle:
         instance_id = str(next(self._instance_ids))
         handle = self.make_handle(instance_id, self.spec)
         handle.role = role
@@ -88,23 +97,33 @@ class Frontend:
             handle.error = f"{type(exc).__name__}: {exc}"
             self._update_state_gauge()
             raise
-        self.scheduler.add_instance(handle, handle.last_report)
-        self.metrics.observe_report(handle.last_report)
-        self._pumps[instance_id] = asyncio.create_task(self._pump(handle), name=f"pump-{instance_id}")
-        self._update_state_gauge()
         return handle
 
+    def _register(self, handle: InstanceHandle) -> None:
+        """Admit a started instance to dispatch and start its pump."""
+        self._scheduler_for(handle).add_instance(handle, handle.last_report)
+        self.metrics.observe_report(handle.last_report)
+        self._pumps[handle.instance_id] = asyncio.create_task(self._pump(handle), name=f"pump-{handle.instance_id}")
+        self._update_state_gauge()
+
+    def _scheduler_for(self, handle: InstanceHandle) -> GlobalScheduler:
+        return self.decode_scheduler if handle.role == "decode" and self.decode_scheduler else self.scheduler
+
     async def start(self, num_instances: int) -> None:
-        """Start `num_instances` instances side by side, the migration driver and the control loop."""
+        """Start the instances side by side (with --pd P:D, P prefill and D decode ones), the migration
+        driver and the control loop."""
         loop = asyncio.get_running_loop()
         self.migrations = MigrationDriver(
             self.coordinator,
             on_commit=lambda m: loop.call_soon_threadsafe(self._migrated, m),
             on_end=lambda m: loop.call_soon_threadsafe(self._migration_ended, m))
-        results = await asyncio.gather(*(self.add_instance() for _ in range(num_instances)), return_exceptions=True)
+        roles = ["prefill"] * self.pd[0] + ["decode"] * self.pd[1] if self.pd else ["mixed"] * num_instances
+        results = await asyncio.gather(*(self._launch(role) for role in roles), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
+        for handle in results:  # in id order, whichever started first: round robin begins at instance 0
+            self._register(handle)
         self._control_task = asyncio.create_task(self._control_loop(), name="control")
 
     def get_handle(self, instance_id: str) -> InstanceHandle:
@@ -117,7 +136,7 @@ class Frontend:
         """Take no new work on the instance (its requests run to completion there for now)."""
         handle = self.get_handle(instance_id)
         if handle.state is InstanceState.READY:
-            self.scheduler.drain(instance_id)
+            self._scheduler_for(handle).drain(instance_id)
             handle.state = InstanceState.DRAINING
             self._update_state_gauge()
         return handle
@@ -160,7 +179,8 @@ class Frontend:
             raise NoInstanceError(str(exc)) from None
         # Validate before the owner map knows it: a refused request leaves nothing anywhere.
         handle.validate(request)
-        stream = RequestStream(request.request_id, handle.instance_id, request.num_prompt_tokens, now)
+        stream = RequestStream(request.request_id, handle.instance_id, request.num_prompt_tokens, now,
+                               request=request, handoff_pending=self.decode_scheduler is not None)
         self.streams[request.request_id] = stream
         self.scheduler.assign(request, handle)
         self.metrics.dispatches.labels(self.policy.dispatch, handle.instance_id).inc()
@@ -224,7 +244,7 @@ class Frontend:
                         handle.last_report = message.report
                         if message.candidates is not None:
                             handle.candidates = message.candidates
-                        self.scheduler.update_reports([message.report])
+                        self._scheduler_for(handle).update_reports([message.report])
                         self.metrics.observe_report(message.report)
                     for delta in message.deltas:
                         self._deliver(delta, message.errors.get(delta.request_id))
@@ -246,6 +266,8 @@ class Frontend:
             self.metrics.observe_tokens(stream.instance_id, num_new, None if last is None else now - last,
                                         now - stream.arrival_time if before == 0 else None)
             self._last_token_time[delta.request_id] = now
+        if stream.handoff_pending and stream.next_index and not stream.finished:
+            self._hand_off(stream)
         if stream.finished:
             reason = delta.finish_reason or "error"
             self.streams.pop(delta.request_id, None)
@@ -257,8 +279,9 @@ class Frontend:
         log.error("instance %s failed: %s", handle.instance_id, exc)
         handle.state = InstanceState.FAILED
         handle.error = f"{type(exc).__name__}: {exc}"
-        if handle.instance_id in self.scheduler.views:
-            self.scheduler.remove_instance(handle.instance_id)
+        scheduler = self._scheduler_for(handle)
+        if handle.instance_id in scheduler.views:
+            scheduler.remove_instance(handle.instance_id)
         self.metrics.forget_instance(handle.instance_id)
         for rid, stream in list(self.streams.items()):
             if stream.instance_id == handle.instance_id:
@@ -291,14 +314,36 @@ class Frontend:
         except MigrationRefused:
             pass  # already moving; the next tick sees fresher reports
 
+    def _hand_off(self, stream: RequestStream) -> None:
+        """P/D: the request has its first token on a prefill instance; move it to a decode instance."""
+        stream.handoff_pending = False
+        src = self.handles.get(stream.instance_id)
+        if src is None or src.role != "prefill":
+            return
+        try:
+            dst = self.decode_scheduler.select_instance(stream.request, time.monotonic())
+        except ValueError:
+            log.warning("no decode instance for %s: it decodes on prefill instance %s", stream.request_id,
+                        src.instance_id)
+            return
+        try:
+            self.migrations.submit(stream.request_id, src, dst)
+        except MigrationRefused as exc:
+            log.warning("P/D hand-off of %s refused: %s", stream.request_id, exc)
+            return
+        self.decode_scheduler.count_incoming(stream.request, dst.instance_id)
+
     async def _control_loop(self) -> None:
         """Every control interval: the migration policy's orders (and a drain's) over the pushed reports."""
         while True:
             await asyncio.sleep(self.control_interval)
             now = time.monotonic()
             try:
-                orders = self.scheduler.control_step(now, self.migrations.num_active)
-                orders += self.scheduler.drain_step(now, self.migrations.num_active)
+                orders = []
+                # In P/D mode requests move prefill -> decode by hand-off only; the policies balance within a role.
+                for scheduler in filter(None, (self.scheduler, self.decode_scheduler)):
+                    orders += scheduler.control_step(now, self.migrations.num_active)
+                    orders += scheduler.drain_step(now, self.migrations.num_active)
             except Exception:  # a policy bug must not stop serving; it is logged and retried next tick
                 log.exception("control step failed")
                 continue

@@ -34,6 +34,7 @@ class ServerSettings:
     log_level: str = "warning"
     seed: int = 0
     control_interval: float = 0.05
+    pd: tuple[int, int] | None = None  # prefill and decode instances (then num_instances is their sum)
 
 
 def local_handles(instance_id: str, spec: InstanceSpec) -> InstanceHandle:
@@ -53,7 +54,7 @@ class Server:
                  max_model_len: int, make_handle: HandleFactory = local_handles) -> None:
         self.settings = settings
         self.frontend = Frontend(make_handle, spec, policy, settings.served_model_names[0], tokenizer.eos_token_id,
-                                 seed=settings.seed, control_interval=settings.control_interval)
+                                 seed=settings.seed, control_interval=settings.control_interval, pd=settings.pd)
         max_len = spec.max_model_len or max_model_len
         self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len)
         self.app = build_app(self.state)

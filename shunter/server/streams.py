@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from shunter.request import TokenDelta
+from shunter.request import Request, TokenDelta
 
 MAX_AHEAD = 4096  # deltas held for a gap to fill before the stream is declared broken
 
@@ -44,6 +44,8 @@ class RequestStream:
     finished: bool = False
     num_duplicates: int = 0
     ahead: dict[int, list[tuple[TokenDelta, str | None]]] = field(default_factory=dict)
+    request: Request | None = None  # as dispatched (P/D picks the decode instance with it)
+    handoff_pending: bool = False  # P/D: migrate to a decode instance after the first token
 
     def push(self, delta: TokenDelta, error: str | None = None) -> None:
         """Take a delta from an instance (called on the event loop); deltas ahead of a gap wait for it."""

@@ -87,18 +87,19 @@ def start_fake_server(tokenizer):
     servers = []
 
     def start(instances: int = 2, step_time: float = 0.01, num_blocks=64, policy: str = "rr",
-              migration: str | None = None, max_num_seqs: int = 16) -> Server:
+              migration: str | None = None, max_num_seqs: int = 16, pd: tuple[int, int] | None = None) -> Server:
         blocks = num_blocks if isinstance(num_blocks, list) else [num_blocks] * instances
 
         def make_handle(instance_id: str, spec: InstanceSpec) -> LocalInstance:
-            engine = make_engine(instance_id, num_blocks=blocks[int(instance_id)], max_num_seqs=max_num_seqs)
+            engine = make_engine(instance_id, num_blocks=blocks[min(int(instance_id), len(blocks) - 1)],
+                                 max_num_seqs=max_num_seqs)
             inner = engine.executor.execute
             engine.executor.execute = lambda batch: (time.sleep(step_time), inner(batch))[1]
             return LocalInstance(instance_id, spec, engine=engine)
 
         spec = InstanceSpec(executor="null", block_size=4, report_interval=0.02)
         settings = ServerSettings(port=0, num_instances=instances, served_model_names=(MODEL,),
-                                  control_interval=0.02)
+                                  control_interval=0.02, pd=pd)
         server = Server(settings, spec, build_policy(policy, migration=migration), tokenizer, 512, make_handle)
         servers.append(server.start_in_thread(timeout=60))
         return server

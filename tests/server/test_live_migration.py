@@ -220,3 +220,29 @@ def test_the_llumnix_policy_migrates_on_its_own_from_a_crowded_to_a_free_instanc
     references, _ = complete_all(plain, prompts, 100)
     assert results == references
     assert_clean(server)
+
+
+def test_pd_mode_prefills_on_one_role_decodes_on_the_other_with_the_same_output(start_fake_server, tokenizer):
+    plain = start_fake_server(instances=2, policy="rr", num_blocks=512, step_time=0.0)
+    prompts = [[300 + i] * (11 + 3 * i) for i in range(4)]
+    references, _ = complete_all(plain, prompts, 40)
+    server = start_fake_server(instances=2, policy="infaas", num_blocks=512, step_time=0.01, pd=(1, 1))
+    listed = httpx.get(server.url + "/admin/instances").json()["instances"]
+    assert [(i["id"], i["role"]) for i in listed] == [("0", "prefill"), ("1", "decode")]
+    results, _ = complete_all(server, prompts, 40)
+    assert results == references
+    # Every request prefilled on instance 0 and was handed to instance 1 after its first token.
+    assert server.frontend.metrics.dispatches.labels("infaas", "0")._value.get() == 4
+    history = [(m.outcome, m.abort_reason, m.num_stages) for m in server.frontend.migrations.history]
+    assert server.frontend.metrics.migrations.labels("0", "1", "committed")._value.get() == 4, history
+    assert_clean(server)
+
+
+def test_pd_admin_adds_an_instance_of_a_role_and_refuses_a_bad_one(start_fake_server):
+    server = start_fake_server(instances=2, pd=(1, 1))
+    resp = httpx.post(server.url + "/admin/instances", json={"role": "decode"}, timeout=30)
+    assert resp.status_code == 201 and resp.json()["role"] == "decode"
+    resp = httpx.post(server.url + "/admin/instances", json={"role": "chef"}, timeout=30)
+    assert resp.status_code == 400 and "role" in resp.json()["error"]["message"]
+    resp = httpx.post(server.url + "/admin/instances/0/drain")
+    assert resp.status_code == 409 and "last prefill" in resp.json()["error"]["message"]

@@ -151,7 +151,7 @@ def test_draining_the_last_instance_that_takes_work_is_refused(start_server):
     server = start_server(instances=2)
     assert httpx.post(server.url + "/admin/instances/0/drain").status_code == 200
     resp = httpx.post(server.url + "/admin/instances/1/drain")
-    assert resp.status_code == 409 and "last one" in resp.json()["error"]["message"]
+    assert resp.status_code == 409 and "last mixed instance" in resp.json()["error"]["message"]
     assert server.frontend.handles["1"].state is InstanceState.READY
     assert httpx.get(server.url + "/health").status_code == 200
     assert client(server).completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text
