@@ -114,6 +114,11 @@ class InstanceHandle:
         raise NotImplementedError
 
     # ---- blocking calls, for the migration driver's thread (never the event loop) ---------------
+    # copy_safe: KV copies run beside the instances' steps, not between them. That is safe because
+    # the coordinator only ever copies blocks nobody writes while the copy runs: full blocks of the
+    # migrating request (a non-final stage: its new tokens go into later blocks), every block of a
+    # suspended request (the final stage: it is not scheduled), and, on the destination, blocks
+    # reserved for this migration, which no running request's block table holds.
     def engine_call(self, name: str, *args, timeout: float = 30.0):
         """`engine.<name>(*args)` on the instance, between two of its steps; its result."""
         raise NotImplementedError
@@ -180,8 +185,8 @@ class LocalInstance(InstanceHandle):
 
     def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
                     timeout: float = 60.0) -> None:
-        payload = self.loop.call(lambda engine, now: engine.executor.read_blocks(src_block_ids)).result(timeout)
-        dst.loop.call(lambda engine, now: engine.executor.write_blocks(dst_block_ids, payload)).result(timeout)
+        # Beside the steps, not between them: see `copy_safe`.
+        dst.loop.engine.executor.write_blocks(dst_block_ids, self.loop.engine.executor.read_blocks(src_block_ids))
 
     def _send_add(self, request: Request) -> None:
         self.loop.add_request(request)

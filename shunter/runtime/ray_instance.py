@@ -3,6 +3,9 @@
 Live migration's engine calls and KV copies are actor calls too: a copy's
 payload goes from the source actor to the destination actor through Ray's
 object store (shared memory on one machine, Ray's transfer across machines).
+Copies run in a third concurrency group, beside the engine's steps rather
+than between them (copy_safe in handles.py says why that is safe), so they
+never stall the step loop.
 
 The actor has two concurrency groups: commands (add, abort, finish) run one at
 a time in the order the frontend sent them, so an abort can never overtake the
@@ -27,6 +30,7 @@ class InstanceWorker:
 
     def __init__(self, instance_id: str, spec: InstanceSpec) -> None:
         engine, self.facts = build_engine(spec, instance_id)
+        self.executor = engine.executor
         self.facts["host"] = os.uname().nodename
         self.config = engine.config
         self.loop = EngineLoop(engine, spec.report_interval)
@@ -51,12 +55,12 @@ class InstanceWorker:
         return self.loop.engine_call(name, *args).result()
 
     def read_blocks(self, block_ids: list[int]):
-        """These blocks' KV, all layers (read between steps: a small copy out of the cache)."""
-        return self.loop.call(lambda engine, now: engine.executor.read_blocks(block_ids)).result()
+        """These blocks' KV, all layers, read at once, beside a running step (see `copy_safe`)."""
+        return self.executor.read_blocks(block_ids)
 
     def write_blocks(self, block_ids: list[int], payload) -> None:
-        """Store a `read_blocks` payload of another instance into (reserved) `block_ids`."""
-        self.loop.call(lambda engine, now: engine.executor.write_blocks(block_ids, payload)).result()
+        """Store a `read_blocks` payload of another instance into reserved `block_ids`, beside a running step."""
+        self.executor.write_blocks(block_ids, payload)
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -65,7 +69,7 @@ class InstanceWorker:
 def _actor_class():
     import ray
 
-    return ray.remote(concurrency_groups={"poll": 2})(InstanceWorker)
+    return ray.remote(concurrency_groups={"poll": 2, "copy": 2})(InstanceWorker)
 
 
 class RayInstance(InstanceHandle):
@@ -119,8 +123,9 @@ class RayInstance(InstanceHandle):
 
         # The payload goes from this actor to the destination actor through Ray's object store;
         # the frontend passes only the reference.
-        payload = self.actor.read_blocks.remote(src_block_ids)
-        ray.get(dst.actor.write_blocks.remote(dst_block_ids, payload), timeout=timeout)
+        payload = self.actor.read_blocks.options(concurrency_group="copy").remote(src_block_ids)
+        ray.get(dst.actor.write_blocks.options(concurrency_group="copy").remote(dst_block_ids, payload),
+                timeout=timeout)
 
     def _send_add(self, request: Request) -> None:
         self.actor.add_request.remote(request)
