@@ -11,6 +11,7 @@ BENCH_MODULES = [
     "shunter.bench.startup_bench",
     "shunter.bench.frontend_bench",
     "shunter.bench.peer_bench",
+    "shunter.bench.migration_bench",
     "shunter.bench.serve_bench",
 ]
 
