@@ -56,10 +56,18 @@ class InstanceEngine:
 
     def begin_step(self, now: float) -> tuple[SchedulerOutput, ExecOutput]:
         """Schedule and execute a batch; its effects apply at `end_step`."""
-        batch = self.scheduler.schedule(now)
+        batch = self.schedule(now)
         if batch.is_empty:
             return batch, ExecOutput([], 0.0)
-        return batch, self.executor.execute(batch)
+        return batch, self.execute(batch)
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        """Pick the next batch (a real engine loop runs `execute` without holding the scheduler)."""
+        return self.scheduler.schedule(now)
+
+    def execute(self, batch: SchedulerOutput) -> ExecOutput:
+        """Run a scheduled batch on the executor; touches no scheduler state."""
+        return self.executor.execute(batch)
 
     def end_step(self, batch: SchedulerOutput, result: ExecOutput, now: float) -> list[TokenDelta]:
         """Apply an executed batch at time `now` (the step's end)."""

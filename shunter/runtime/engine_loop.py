@@ -9,6 +9,14 @@ sequenced `StepMessage`s: one message per step with all of that step's
 A frontend takes them with `poll(after_seq)`, which also acknowledges what it
 has; a lost reply is simply polled again, so no delta is lost or duplicated.
 
+The calls of live migration other than suspending a request
+(`CONCURRENT_CALLS`) need not wait for a step to end: they run at once, under
+the loop's lock, which the loop thread lets go of only while the executor
+runs a batch or while it idles. None of them touches what the running batch
+uses (they read counters, or change suspended requests, reservations and
+imports, whose blocks are in no running batch), and none frees a block a
+running batch holds, so a migration's final stage waits for no step.
+
 Torch-free: the executor does the model work; this module only drives it.
 """
 
@@ -32,6 +40,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # finish_reason of a request the instance could not run (the message says why).
 ERROR_FINISH = "error"
+# Engine calls that may run while a batch executes (see the module docstring).
+CONCURRENT_CALLS = frozenset({
+    "begin_migration", "migration_progress", "end_migration", "release_migrated", "migration_refusal",
+    "reserve_migration", "reserved_block_ids", "cancel_migration", "import_request", "migration_candidates",
+})
 
 
 @dataclass(slots=True)
@@ -75,6 +88,8 @@ class EngineLoop:
         self._next_report = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{engine.instance_id}", daemon=True)
+        # Held by the loop thread except while a batch executes or the loop idles (CONCURRENT_CALLS).
+        self._lock = threading.Lock()
         self.num_steps = 0
         self.last_error: str | None = None
         self.on_push = on_push
@@ -120,8 +135,17 @@ class EngineLoop:
         return self.call(lambda engine, now: engine.load_report(now))
 
     def engine_call(self, name: str, *args) -> Future:
-        """Call `engine.<name>(*args)` between steps (the calls of live migration)."""
-        return self.call(lambda engine, now: getattr(engine, name)(*args))
+        """Call `engine.<name>(*args)` (the calls of live migration): at once if it is one of
+        `CONCURRENT_CALLS`, else between two steps."""
+        if name not in CONCURRENT_CALLS:
+            return self.call(lambda engine, now: getattr(engine, name)(*args))
+        future: Future = Future()
+        with self._lock:
+            try:
+                future.set_result(getattr(self.engine, name)(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+        return future
 
     # ---- outbox (the frontend's side) -----------------------------------------------------
     def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
@@ -141,20 +165,31 @@ class EngineLoop:
     # ---- the loop thread ---------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
-        while not self._stop.is_set():
-            busy = engine.has_unfinished_requests
-            # Idle: sleep until a command arrives or the next report is due.
-            self._apply_commands(wait=0.0 if busy else max(self._next_report - self.clock(), 0.001))
-            if self._stop.is_set():
-                break
-            if engine.has_unfinished_requests:
-                self._step()
-            self._maybe_report()
+        self._lock.acquire()
+        try:
+            stepped = False
+            while not self._stop.is_set():
+                # Nothing ran last time (idle, or every request here suspended or stuck waiting): sleep
+                # until a command arrives or the next report is due, instead of spinning.
+                self._apply_commands(wait=0.0 if stepped else max(self._next_report - self.clock(), 0.001))
+                if self._stop.is_set():
+                    break
+                stepped = engine.has_unfinished_requests and self._step()
+                self._maybe_report()
+        finally:
+            self._lock.release()
         self._cancel_pending()
 
     def _apply_commands(self, wait: float) -> None:
         try:
-            item = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
+            if wait > 0:
+                self._lock.release()  # idle: concurrent calls may run meanwhile
+                try:
+                    item = self._inbox.get(timeout=wait)
+                finally:
+                    self._lock.acquire()
+            else:
+                item = self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -169,15 +204,26 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One step; False if there was nothing to run."""
+        engine = self.engine
         try:
-            deltas = self.engine.step(self.clock())
+            batch = engine.schedule(self.clock())
+            if batch.is_empty:
+                return False
+            self._lock.release()  # the batch runs; concurrent calls may run meanwhile
+            try:
+                result = engine.execute(batch)
+            finally:
+                self._lock.acquire()
+            deltas = engine.end_step(batch, result, self.clock())
         except Exception as exc:  # a failed step must not kill the instance or hang its streams
             self._fail_all(exc)
-            return
+            return True
         self.num_steps += 1
         if deltas:
             self._push(deltas=deltas)
+        return True
 
     def _fail_all(self, exc: Exception) -> None:
         """End every request here with an error (blocks freed) after a step raised."""
