@@ -126,7 +126,8 @@ async def _measure(lengths: list[int], args) -> dict:
                     row["decode_step_ms"] = statistics.median(before) * 1000
                     row["stages"] = m.num_stages
                     row["blocks_per_stage"] = m.blocks_per_stage
-                    row["source_slowdown"] = _slowdown(other_times, began, ended)
+                    # Before: once the request decodes (its long prefill slows everybody's steps).
+                    row["source_slowdown"] = _slowdown(other_times, times[4], began, ended)
                 for s in [stream, *others]:
                     frontend.abort(s.request_id)
                 for t in [task, *other_tasks]:
@@ -157,12 +158,12 @@ async def _measure(lengths: list[int], args) -> dict:
     }
 
 
-def _slowdown(times_per_request: list[list[float]], began: float, ended: float) -> float | None:
-    """Mean token gap of the other requests during [began, ended] over their mean gap before it."""
+def _slowdown(times_per_request: list[list[float]], since: float, began: float, ended: float) -> float | None:
+    """Mean token gap of the other requests during [began, ended] over their mean gap in [since, began)."""
     before, during = [], []
     for times in times_per_request:
         for a, b in zip(times, times[1:]):
-            if b < began:
+            if since <= a and b < began:
                 before.append(b - a)
             elif a >= began and b <= ended + 0.05:
                 during.append(b - a)
