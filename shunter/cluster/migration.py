@@ -151,6 +151,7 @@ class Migration:
     num_copied_blocks: int = 0
     blocks_per_stage: list[int] = field(default_factory=list)
     is_waiting: bool = False  # moved without KV
+    dst_block_ids: list[int] = field(default_factory=list)  # the destination's reservation, as it grew
     state: RequestState | None = None  # set by the final stage
     final_stage_time: float | None = None
     end_time: float | None = None
@@ -266,11 +267,15 @@ class MigrationCoordinator:
             src_block_ids = snap.block_ids
             end = snap.num_computed_tokens // bs
             num_tokens = end * bs
-        if num_tokens and m.dst.reserve_migration(m.migration_id, rid, num_tokens) is None:
-            self.abort(m, now, "the destination has no free blocks")
-            return None
+        if num_tokens:
+            added = m.dst.reserve_migration(m.migration_id, rid, num_tokens)
+            if added is None:
+                self.abort(m, now, "the destination has no free blocks")
+                return None
+            # The reservation grows by appending: the coordinator keeps its table (no extra call per stage).
+            m.dst_block_ids.extend(added)
         start = m.num_copied_blocks
-        dst_block_ids = m.dst.reserved_block_ids(m.migration_id) if num_tokens else []
+        dst_block_ids = m.dst_block_ids
         plan = StagePlan(m.num_stages, list(src_block_ids[start:end]), list(dst_block_ids[start:end]), is_final)
         m.num_stages += 1
         m.num_copied_blocks = max(start, end)

@@ -246,3 +246,16 @@ def test_pd_admin_adds_an_instance_of_a_role_and_refuses_a_bad_one(start_fake_se
     assert resp.status_code == 400 and "role" in resp.json()["error"]["message"]
     resp = httpx.post(server.url + "/admin/instances/0/drain")
     assert resp.status_code == 409 and "last prefill" in resp.json()["error"]["message"]
+
+
+def test_pd_mode_streamed_chat_equals_plain_serving(start_fake_server):
+    messages = [{"role": "user", "content": "count to ten"}]
+    plain = start_fake_server(instances=1, num_blocks=512, step_time=0.0)
+    reference = client(plain).chat.completions.create(model=MODEL, messages=messages, max_tokens=60,
+                                                      temperature=0).choices[0].message.content
+    server = start_fake_server(instances=2, num_blocks=512, step_time=0.01, pd=(1, 1))
+    chunks = list(client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=60,
+                                                         temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference
+    assert server.frontend.metrics.migrations.labels("0", "1", "committed")._value.get() == 1
+    assert_clean(server)

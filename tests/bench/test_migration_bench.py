@@ -1,0 +1,30 @@
+"""`shunter bench migration`, small: two Ray-actor instances of the real model, two short lengths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shunter.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_migration_bench_reports_every_figure_per_length(tmp_path, capsys):
+    import ray
+
+    out = tmp_path / "migration.json"
+    try:
+        assert main(["bench", "migration", "--lengths", "64,300", "--others", "1", "--json", str(out)]) == 0
+    finally:
+        ray.shutdown()
+    r = json.loads(out.read_text())
+    assert r["lengths"] == [64, 300]
+    for key in ("downtime_ms", "blocking_copy_ms", "recompute_ms", "decode_step_ms", "source_slowdown"):
+        assert len(r[key]) == 2
+    assert all(x > 0 for x in r["downtime_ms"] + r["blocking_copy_ms"] + r["recompute_ms"] + r["decode_step_ms"])
+    # A live migration copies in stages; its last stage is small.
+    assert all(stages >= 2 for stages in r["stages"])
+    assert all(blocks[-1] <= 2 for blocks in r["blocks_per_stage"])
+    assert "recompute/downtime" in capsys.readouterr().out
