@@ -47,6 +47,11 @@ def register(subparsers) -> None:
     p.add_argument("--dispatch", default=None, help="dispatch policy (overrides the bundle's; see shunter simulate --list)")
     p.add_argument("--migration", default=None,
                    help="migration pairing policy: none, llumnix, shunter (overrides the bundle's)")
+    p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="start and drain instances between MIN and MAX with the scaling policy (starts with "
+                        "--instances, at least MIN); drained instances are stopped once their requests moved away")
+    p.add_argument("--scaling-policy", default=None, metavar="NAME",
+                   help="freeness or shunter (default: shunter with --policy shunter, else freeness)")
     p.add_argument("--control-interval", type=float, default=0.05,
                    help="seconds between migration decisions over the pushed load reports (default 0.05)")
     p.add_argument("--report-interval", type=float, default=0.05,
@@ -76,7 +81,10 @@ def run(args) -> int:
         raise CLIError(f"unknown dispatch policy {args.dispatch!r}: use one of {', '.join(DISPATCH.names())}")
     if args.migration is not None and args.migration not in MIGRATION.names():
         raise CLIError(f"unknown migration policy {args.migration!r}: use one of {', '.join(MIGRATION.names())}")
-    policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration)
+    scaling = parse_autoscale(args.autoscale, args.scaling_policy, args.policy)
+    policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration, scaling=scaling)
+    if scaling is not None:
+        args.instances = min(max(args.instances, scaling.min_instances), scaling.max_instances)
     pd = parse_pd(args.pd)
     if pd is not None:
         args.instances = sum(pd)
@@ -135,6 +143,26 @@ def _check_args(args) -> None:
     for name in ("report_interval", "control_interval"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def parse_autoscale(text: str | None, policy_name: str | None, bundle: str):
+    """The ScalingConfig of `--autoscale MIN:MAX` (None without it); CLIError naming a bad value."""
+    from shunter.cluster.scaling import SCALING, ScalingConfig
+
+    if text is None:
+        if policy_name is not None:
+            raise CLIError("--scaling-policy needs --autoscale MIN:MAX")
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise CLIError(f"--autoscale takes MIN:MAX, two whole numbers, got {text!r}")
+    name = policy_name or ("shunter" if bundle == "shunter" else "freeness")
+    if name not in SCALING.names():
+        raise CLIError(f"unknown scaling policy {name!r}: use one of {', '.join(SCALING.names())}")
+    try:
+        return ScalingConfig(min_instances=int(parts[0]), max_instances=int(parts[1]), policy=name)
+    except ValueError as exc:
+        raise CLIError(f"--autoscale {text}: {exc}") from None
 
 
 def parse_pd(text: str | None) -> tuple[int, int] | None:

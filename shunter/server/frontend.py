@@ -76,6 +76,11 @@ class Frontend:
         self.coordinator = MigrationCoordinator(migration or MigrationConfig(), spec.block_size)
         self.migrations: MigrationDriver | None = None  # started with the event loop (`start`)
         self._control_task: asyncio.Task | None = None
+        # Autoscaling (policy.scaling): instances ordered and not up yet; instances drained to be removed.
+        self._num_starting = 0
+        self._scaling_down: set[str] = set()
+        self._next_scaling = 0.0
+        self.scaling_actions: list[tuple[float, int, str | None]] = []
 
     # ---- instances -----------------------------------------------------------------------
     async def add_instance(self, role: str = "mixed") -> InstanceHandle:
@@ -158,7 +163,8 @@ class Frontend:
             task.cancel()
         for rid in list(self.streams):
             self._end(rid, "abort", "the server is shutting down")
-        await asyncio.gather(*(h.shutdown() for h in self.handles.values() if h.state is not InstanceState.FAILED),
+        await asyncio.gather(*(h.shutdown() for h in self.handles.values()
+                               if h.state not in (InstanceState.FAILED, InstanceState.STOPPED)),
                              return_exceptions=True)
 
     # ---- requests ----------------------------------------------------------------------------
@@ -349,6 +355,58 @@ class Frontend:
                 continue
             for order in orders:
                 self._order(order)
+            if self.policy.scaling is not None:
+                self._autoscale(now)
+
+    # ---- autoscaling --------------------------------------------------------------------------
+    def _autoscale(self, now: float) -> None:
+        """Carry out the scaling policy's decision (at its interval) and remove drained-down instances once empty."""
+        for instance_id in list(self._scaling_down):
+            self._remove_if_empty(instance_id)
+        if now < self._next_scaling:
+            return
+        self._next_scaling = now + self.policy.scaling.interval
+        try:
+            action = self.scheduler.scaling_step(now, self._num_starting)
+        except Exception:
+            log.exception("scaling step failed")
+            return
+        if action.is_noop:
+            return
+        self.scaling_actions.append((now, action.num_add, action.drain_id))
+        for _ in range(action.num_add):
+            self._num_starting += 1
+            asyncio.create_task(self._scale_up())
+        if action.drain_id is not None and action.drain_id in self.handles:
+            self.drain(action.drain_id)
+            self._scaling_down.add(action.drain_id)
+
+    async def _scale_up(self) -> None:
+        try:
+            await self.add_instance()
+        except Exception:
+            log.exception("starting an instance for autoscaling failed")
+        finally:
+            self._num_starting -= 1
+
+    def _remove_if_empty(self, instance_id: str) -> None:
+        """Stop a drained instance that owns no request and has no migration in flight."""
+        handle = self.handles.get(instance_id)
+        if handle is None or handle.state is not InstanceState.DRAINING:
+            self._scaling_down.discard(instance_id)
+            return
+        if (any(s.instance_id == instance_id for s in self.streams.values())
+                or self.migrations.num_active(instance_id) or handle.has_unfinished_requests):
+            return
+        self._scaling_down.discard(instance_id)
+        self._scheduler_for(handle).remove_instance(instance_id)
+        pump = self._pumps.pop(instance_id, None)
+        if pump is not None:
+            pump.cancel()
+        self.metrics.forget_instance(instance_id)
+        handle.state = InstanceState.STOPPED
+        asyncio.create_task(handle.shutdown())
+        self._update_state_gauge()
 
     def _migrated(self, m: Migration) -> None:
         """A commit (on the event loop): the owner map now points at the destination."""

@@ -63,14 +63,18 @@ def engines(server: Server):
 
 def engine_requests(server: Server) -> int:
     """Requests live on any instance, read in each loop thread between steps."""
-    return sum(h.loop.call(lambda e, now: len(e.scheduler.requests)).result(5)
-               for h in server.frontend.handles.values())
+    return sum(h.loop.call(lambda e, now: len(e.scheduler.requests)).result(5) for h in live_handles(server))
 
 
 def used_blocks(server: Server) -> int:
     """KV blocks in use on any instance (prefix-cached blocks no request holds count as free)."""
     return sum(h.loop.call(lambda e, now: e.scheduler.block_manager.num_used_blocks).result(5)
-               for h in server.frontend.handles.values())
+               for h in live_handles(server))
+
+
+def live_handles(server: Server):
+    """Handles of instances not stopped (a stopped one was checked empty when it was stopped)."""
+    return [h for h in server.frontend.handles.values() if h.state.value != "stopped"]
 
 
 @pytest.fixture
@@ -87,7 +91,8 @@ def start_fake_server(tokenizer):
     servers = []
 
     def start(instances: int = 2, step_time: float = 0.01, num_blocks=64, policy: str = "rr",
-              migration: str | None = None, max_num_seqs: int = 16, pd: tuple[int, int] | None = None) -> Server:
+              migration: str | None = None, max_num_seqs: int = 16, pd: tuple[int, int] | None = None,
+              scaling=None) -> Server:
         blocks = num_blocks if isinstance(num_blocks, list) else [num_blocks] * instances
 
         def make_handle(instance_id: str, spec: InstanceSpec) -> LocalInstance:
@@ -100,7 +105,8 @@ def start_fake_server(tokenizer):
         spec = InstanceSpec(executor="null", block_size=4, report_interval=0.02)
         settings = ServerSettings(port=0, num_instances=instances, served_model_names=(MODEL,),
                                   control_interval=0.02, pd=pd)
-        server = Server(settings, spec, build_policy(policy, migration=migration), tokenizer, 512, make_handle)
+        server = Server(settings, spec, build_policy(policy, migration=migration, scaling=scaling), tokenizer, 512,
+                        make_handle)
         servers.append(server.start_in_thread(timeout=60))
         return server
 
