@@ -259,3 +259,36 @@ def test_pd_mode_streamed_chat_equals_plain_serving(start_fake_server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference
     assert server.frontend.metrics.migrations.labels("0", "1", "committed")._value.get() == 1
     assert_clean(server)
+
+
+def test_a_request_preempted_while_migrating_stays_on_the_source_and_finishes_right(start_fake_server):
+    # Instance 0 has 24 blocks of 4 tokens. While the migrating request's copy is on a slow link, a
+    # high-priority request arrives there whose first chunk only fits if the migrating one is preempted.
+    server = start_fake_server(instances=2, policy="rr", num_blocks=[26, 64], step_time=0.01)
+    reference, _ = complete(server, max_tokens=60)  # instance 0
+    complete(server, max_tokens=1)  # instance 1: round robin is back on 0
+    src = server.frontend.handles["0"]
+    copy = src.copy_blocks
+    src.copy_blocks = lambda *a, **kw: (time.sleep(0.5), copy(*a, **kw))[1]
+    scheduler = src.loop.engine.scheduler
+    preempted, preempt = [], scheduler._preempt  # instrumented: which requests the source preempts
+    scheduler._preempt = lambda request: (preempted.append(request.request_id), preempt(request))[1]
+    results = {}
+    stream = client(server).completions.create(model=MODEL, prompt=PROMPT, max_tokens=60, temperature=0, stream=True)
+    first = next(iter(stream))
+    order = threading.Thread(target=lambda: results.update(m=httpx.post(
+        f"{server.url}/admin/requests/{first.id}/migrate", json={"to": "1"}, timeout=30).json()))
+    order.start()
+    time.sleep(0.1)  # the first stage's copy is under way
+    complete(server, max_tokens=1)  # instance 1
+    high = threading.Thread(target=lambda: results.update(high=complete(
+        server, max_tokens=10, prompt=[7] * 60, extra_body={"priority": 5})))
+    high.start()
+    text = first.choices[0].text + "".join(c.choices[0].text for c in stream)
+    order.join(30)
+    high.join(30)
+    assert preempted == [first.id]
+    assert results["m"]["outcome"] == "aborted" and "preempted" in results["m"]["abort_reason"], results["m"]
+    assert text == reference
+    assert results["high"][1] == 10
+    assert_clean(server)
