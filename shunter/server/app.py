@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -26,25 +26,34 @@ from shunter.cluster.migration import MigrationRefused
 from shunter.server.frontend import Frontend, NoInstanceError, UnknownInstanceError, UnknownRequestError
 from shunter.server.metrics import CONTENT_TYPE
 from shunter.server.protocol import ChatCompletionRequest, CompletionRequest, Generation
+from shunter.server.security import AccessPolicy, GuardMiddleware
 
 DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
 @dataclass
 class ServerState:
-    """What the handlers need: the frontend, the tokenizer, the served model's names and context."""
+    """What the handlers need: the frontend, the tokenizer, the served model's names and context.
+
+    max_live_requests: requests in flight at most; beyond it new ones get 429 (memory stays bounded
+    under any burst, and admitted requests are not slowed down by ever more queued ones).
+    """
 
     frontend: Frontend
     tokenizer: Tokenizer
     served_model_names: list[str]
     max_model_len: int
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    max_live_requests: int = 1024
 
 
 def build_app(state: ServerState) -> FastAPI:
     """The FastAPI application over `state` (the caller starts and stops the frontend)."""
     app = FastAPI(title="Shunter", version=shunter.__version__, docs_url=None, redoc_url=None)
     app.state.shunter = state
-    install_handlers(app, on_error=lambda status: state.frontend.metrics.rejected.labels(str(status)).inc())
+    count_error = lambda status: state.frontend.metrics.rejected.labels(str(status)).inc()  # noqa: E731
+    install_handlers(app, on_error=count_error)
+    app.add_middleware(GuardMiddleware, policy=state.access, on_refusal=count_error)
 
     @app.get("/health")
     async def health() -> Response:
@@ -68,7 +77,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = protocol.parse(CompletionRequest, await _json(request))
+        req = protocol.parse(CompletionRequest, await _json(request, state.access.max_body_bytes))
         protocol.check_model(req.model, state.served_model_names)
         prompt = protocol.completion_prompt(req)
         if isinstance(prompt, str):
@@ -82,7 +91,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = protocol.parse(ChatCompletionRequest, await _json(request))
+        req = protocol.parse(ChatCompletionRequest, await _json(request, state.access.max_body_bytes))
         protocol.check_model(req.model, state.served_model_names)
         messages = protocol.chat_messages(req)
         try:
@@ -147,9 +156,12 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def _json(request: Request) -> Any:
+async def _json(request: Request, max_bytes: int = 4 << 20) -> Any:
+    body = await request.body()
+    if len(body) > max_bytes:  # sent without a Content-Length (chunked): checked once read
+        raise OpenAIError(413, f"the request body has {len(body)} bytes; the limit is {max_bytes}")
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
@@ -166,6 +178,9 @@ async def _generate(http: Request, state: ServerState, gen: Generation, prompt_i
     elif n + params.max_tokens > state.max_model_len:
         raise bad_request(f"max_tokens {params.max_tokens} + prompt of {n} tokens exceeds this model's context of "
                           f"{state.max_model_len} tokens", param="max_tokens")
+    if state.frontend.num_live_requests() >= state.max_live_requests:
+        raise OpenAIError(429, f"the server has {state.max_live_requests} requests in flight, its limit; "
+                               f"retry shortly", "RateLimitError", None, "too_many_requests", {"Retry-After": "1"})
     try:
         stream = state.frontend.submit(prompt_ids, params, gen.priority)
     except NoInstanceError as exc:

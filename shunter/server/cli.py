@@ -60,6 +60,16 @@ def register(subparsers) -> None:
                    help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting a local Ray")
     p.add_argument("--runtime", default="ray", choices=["ray", "local"],
                    help="ray: each instance a Ray actor (default); local: instances as threads of this process")
+    p.add_argument("--api-key", default=os.environ.get("SHUNTER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $SHUNTER_API_KEY; /health and "
+                        "/metrics stay open)")
+    p.add_argument("--admin-key", default=os.environ.get("SHUNTER_ADMIN_KEY"),
+                   help="require this key on /admin (default: $SHUNTER_ADMIN_KEY)")
+    p.add_argument("--admin-remote", action="store_true",
+                   help="answer /admin from other machines too (default: loopback clients only)")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-live-requests", type=int, default=1024,
+                   help="requests in flight at most; beyond, new ones get 429 with Retry-After")
     p.add_argument("--null-engine", action="store_true",
                    help="benchmarks only: instances load no model and emit tokens instantly "
                         "(measures the frontend and the token path on their own)")
@@ -110,7 +120,12 @@ def run(args) -> int:
 
     if args.runtime == "ray":
         start_ray(args.ray_address)
+    from shunter.server.security import AccessPolicy
+
+    access = AccessPolicy(api_key=args.api_key or None, admin_key=args.admin_key or None,
+                          admin_remote=args.admin_remote, max_body_bytes=args.max_request_bytes)
     settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances, pd=pd,
+                              access=access, max_live_requests=args.max_live_requests,
                               served_model_names=names, log_level=args.log_level, seed=args.seed,
                               control_interval=args.control_interval)
     server = Server(settings, spec, policy, tokenizer, model_len,
@@ -136,6 +151,9 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value <= 0 or (name == "port" and value > 65535):
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer{' up to 65535' if name == 'port' else ''}, got {value}")
+    for name in ("max_request_bytes", "max_live_requests"):
+        if getattr(args, name) <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     for name in ("num_blocks", "max_model_len", "threads_per_instance"):
         value = getattr(args, name)
         if value is not None and value <= 0:

@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDenied", 404: "NotFoundError",
+          405: "MethodNotAllowed",
           409: "ConflictError", 413: "RequestTooLarge", 429: "RateLimitError", 503: "ServiceUnavailableError"}
 
 
@@ -25,8 +26,9 @@ class OpenAIError(Exception):
     """An error the client caused or must know about, answered with `status` and an OpenAI-style body."""
 
     def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
-                 code: str | int | None = None) -> None:
+                 code: str | int | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.type = type or _TYPES.get(status, "InternalServerError")
@@ -37,7 +39,7 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None) -> OpenAIError:

@@ -11,7 +11,7 @@ import asyncio
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 
@@ -21,6 +21,7 @@ from shunter.runtime.handles import InstanceHandle, LocalInstance
 from shunter.runtime.spec import InstanceSpec
 from shunter.server.app import ServerState, build_app
 from shunter.server.frontend import Frontend, HandleFactory
+from shunter.server.security import AccessPolicy
 
 
 @dataclass
@@ -35,6 +36,8 @@ class ServerSettings:
     seed: int = 0
     control_interval: float = 0.05
     pd: tuple[int, int] | None = None  # prefill and decode instances (then num_instances is their sum)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    max_live_requests: int = 1024
 
 
 def local_handles(instance_id: str, spec: InstanceSpec) -> InstanceHandle:
@@ -56,7 +59,8 @@ class Server:
         self.frontend = Frontend(make_handle, spec, policy, settings.served_model_names[0], tokenizer.eos_token_id,
                                  seed=settings.seed, control_interval=settings.control_interval, pd=settings.pd)
         max_len = spec.max_model_len or max_model_len
-        self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len)
+        self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len,
+                                 settings.access, settings.max_live_requests)
         self.app = build_app(self.state)
         self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
