@@ -77,7 +77,9 @@ def test_concurrent_chat_streams_on_both_instances(ray_server):
 def test_a_live_migration_between_ray_actors_keeps_the_greedy_output(ray_server):
     from shunter import LLM, SamplingParams
 
-    prompt = "Write a short story about a lighthouse keeper."
+    # Over 40 tokens: several full KV blocks of 16 exist whenever the migration starts.
+    prompt = ("Write a short story about a lighthouse keeper who lives alone on a rocky island, keeps a "
+              "logbook of every passing ship, and one stormy night sees a light where no ship should be.")
     offline = LLM(num_blocks=256, max_num_seqs=4).generate([prompt], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))[0]
     stream = client(ray_server).completions.create(model=MODEL, prompt=prompt, max_tokens=64, temperature=0,
                                                    stream=True, extra_body={"ignore_eos": True})
