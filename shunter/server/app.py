@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -45,6 +45,7 @@ class ServerState:
     max_model_len: int
     access: AccessPolicy = field(default_factory=AccessPolicy)
     max_live_requests: int = 1024
+    closing: Callable[[], bool] = lambda: False  # the server is shutting down: no new work
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -57,6 +58,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        if state.closing():
+            raise OpenAIError(503, "the server is shutting down")
         if not state.frontend.ready_instances:
             raise OpenAIError(503, "no instance is ready")
         return Response(status_code=200)
@@ -178,6 +181,8 @@ async def _generate(http: Request, state: ServerState, gen: Generation, prompt_i
     elif n + params.max_tokens > state.max_model_len:
         raise bad_request(f"max_tokens {params.max_tokens} + prompt of {n} tokens exceeds this model's context of "
                           f"{state.max_model_len} tokens", param="max_tokens")
+    if state.closing():
+        raise OpenAIError(503, "the server is shutting down: it takes no new requests")
     if state.frontend.num_live_requests() >= state.max_live_requests:
         raise OpenAIError(429, f"the server has {state.max_live_requests} requests in flight, its limit; "
                                f"retry shortly", "RateLimitError", None, "too_many_requests", {"Retry-After": "1"})

@@ -9,6 +9,7 @@ Flags that `vllm serve` also has mean the same here.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -70,6 +71,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--max-live-requests", type=int, default=1024,
                    help="requests in flight at most; beyond, new ones get 429 with Retry-After")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM: stop taking requests, give those in flight this many seconds, then exit")
+    p.add_argument("--null-step-time", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--null-engine", action="store_true",
                    help="benchmarks only: instances load no model and emit tokens instantly "
                         "(measures the frontend and the token path on their own)")
@@ -113,7 +117,7 @@ def run(args) -> int:
         enable_prefix_caching=args.prefix_caching, report_interval=args.report_interval, seed=args.seed,
     )
     if args.null_engine:
-        spec = spec.replace(executor="null", model=None,
+        spec = spec.replace(executor="null", model=None, null_step_time=args.null_step_time,
                             null_token_ids=tokenizer.encode(NULL_ENGINE_TEXT, add_special_tokens=False))
     names = tuple(args.served_model_name or [default_model_name(args.model)])
     from shunter.server.runner import Server, ServerSettings, local_handles, ray_handles
@@ -126,6 +130,7 @@ def run(args) -> int:
                           admin_remote=args.admin_remote, max_body_bytes=args.max_request_bytes)
     settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances, pd=pd,
                               access=access, max_live_requests=args.max_live_requests,
+                              shutdown_timeout=args.shutdown_timeout,
                               served_model_names=names, log_level=args.log_level, seed=args.seed,
                               control_interval=args.control_interval)
     server = Server(settings, spec, policy, tokenizer, model_len,
@@ -158,7 +163,7 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name in ("report_interval", "control_interval"):
+    for name in ("report_interval", "control_interval", "shutdown_timeout"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 

@@ -8,6 +8,8 @@ are Ray actors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
 import threading
 import time
@@ -38,6 +40,7 @@ class ServerSettings:
     pd: tuple[int, int] | None = None  # prefill and decode instances (then num_instances is their sum)
     access: AccessPolicy = field(default_factory=AccessPolicy)
     max_live_requests: int = 1024
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
 
 
 def local_handles(instance_id: str, spec: InstanceSpec) -> InstanceHandle:
@@ -74,8 +77,12 @@ class Server:
     async def serve(self, on_ready=None) -> None:
         """Start the instances, serve HTTP until told to stop, then stop the instances."""
         config = uvicorn.Config(self.app, host=self.settings.host, port=self.settings.port,
-                                log_level=self.settings.log_level, lifespan="off", timeout_graceful_shutdown=5)
-        self._uvicorn = uvicorn.Server(config)
+                                log_level=self.settings.log_level, lifespan="off",
+                                timeout_graceful_shutdown=self.settings.shutdown_timeout)
+        self._uvicorn = _Uvicorn(config)
+        # On SIGTERM/SIGINT uvicorn stops listening and waits for in-flight requests; requests that still
+        # arrive on open connections meanwhile get 503 (`ServerState.closing`).
+        self.state.closing = lambda: self._uvicorn.should_exit
         try:
             await self.frontend.start(self.settings.num_instances)
             # Sized by the instances' own limits: the model's context may be capped by each instance.
@@ -122,6 +129,19 @@ class Server:
             self._uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM ends in a clean exit (status 0) once the requests in flight
+    are done: uvicorn re-raises the signal after its graceful shutdown, which would kill the process
+    before the instances are stopped and report the orderly shutdown as a death by signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            # uvicorn keeps the signals it caught in this list and re-raises them on leaving.
+            self._captured_signals = [s for s in getattr(self, "_captured_signals", []) if s != signal.SIGTERM]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
