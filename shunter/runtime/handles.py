@@ -83,10 +83,6 @@ class InstanceHandle:
         r = self.last_report
         return r is not None and (r.num_running + r.num_waiting) > 0
 
-    @property
-    def accepts_work(self) -> bool:
-        return self.state is InstanceState.READY
-
     def describe(self) -> dict:
         """The admin API's view of this instance."""
         return {

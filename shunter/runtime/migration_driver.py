@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from shunter.cluster.migration import Migration, MigrationCoordinator, MigrationRefused
-from shunter.engine.scheduler import MigrationCandidate, MigrationSnapshot, RequestState
+from shunter.engine.scheduler import MigrationSnapshot, RequestState
 from shunter.runtime.handles import InstanceHandle
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,6 @@ class HandleEndpoint:
     def import_request(self, state: RequestState, migration_id: str | None = None):
         self._call("import_request", state, migration_id)
 
-    def migration_candidates(self) -> list[MigrationCandidate]:
-        return self._call("migration_candidates")
-
 
 class MigrationDriver:
     """Carries out migration orders in its own thread; each order's `Migration` comes back in a future.
@@ -112,11 +109,6 @@ class MigrationDriver:
                          for i in range(num_workers)]
         for t in self._threads:
             t.start()
-
-    def refusal(self, request_id: str, src_id: str, dst_id: str) -> str | None:
-        """Why an order cannot be taken now (None if it can)."""
-        with self._lock:
-            return self._refusal(request_id, src_id, dst_id)
 
     def is_busy(self, request_id: str) -> bool:
         with self._lock:

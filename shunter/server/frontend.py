@@ -71,7 +71,6 @@ class Frontend:
         self._pumps: dict[str, asyncio.Task] = {}
         self._instance_ids = itertools.count()
         self._request_ids = itertools.count()
-        self._last_token_time: dict[str, float] = {}
         self.control_interval = control_interval
         self.coordinator = MigrationCoordinator(migration or MigrationConfig(), spec.block_size)
         self.migrations: MigrationDriver | None = None  # started with the event loop (`start`)
@@ -138,7 +137,7 @@ class Frontend:
             raise UnknownInstanceError(instance_id) from None
 
     def drain(self, instance_id: str) -> InstanceHandle:
-        """Take no new work on the instance (its requests run to completion there for now)."""
+        """Take no new work on the instance; the control loop's drain orders move its requests away."""
         handle = self.get_handle(instance_id)
         if handle.state is InstanceState.READY:
             self._scheduler_for(handle).drain(instance_id)
@@ -230,7 +229,6 @@ class Frontend:
 
     def _end(self, request_id: str, reason: str, error: str | None = None) -> None:
         stream = self.streams.pop(request_id, None)
-        self._last_token_time.pop(request_id, None)
         if stream is None:
             return
         now = time.monotonic()
@@ -268,18 +266,14 @@ class Frontend:
         stream.push(delta, error)
         num_new = stream.next_index - before
         if num_new:
-            last = self._last_token_time.get(delta.request_id)
+            last = stream.last_token_time
             self.metrics.observe_tokens(stream.instance_id, num_new, None if last is None else now - last,
                                         now - stream.arrival_time if before == 0 else None)
-            self._last_token_time[delta.request_id] = now
+            stream.last_token_time = now
         if stream.handoff_pending and stream.next_index and not stream.finished:
             self._hand_off(stream)
         if stream.finished:
-            reason = delta.finish_reason or "error"
-            self.streams.pop(delta.request_id, None)
-            self._last_token_time.pop(delta.request_id, None)
-            self.metrics.observe_finish(stream.instance_id, stream.num_prompt_tokens, now - stream.arrival_time,
-                                        reason)
+            self._end(delta.request_id, delta.finish_reason or "error")
 
     def _instance_failed(self, handle: InstanceHandle, exc: Exception) -> None:
         log.error("instance %s failed: %s", handle.instance_id, exc)

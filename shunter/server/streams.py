@@ -45,6 +45,7 @@ class RequestStream:
     num_duplicates: int = 0
     ahead: dict[int, list[tuple[TokenDelta, str | None]]] = field(default_factory=dict)
     request: Request | None = None  # as dispatched (P/D picks the decode instance with it)
+    last_token_time: float | None = None  # when the frontend last received tokens (inter-token latency)
     handoff_pending: bool = False  # P/D: migrate to a decode instance after the first token
 
     def push(self, delta: TokenDelta, error: str | None = None) -> None:

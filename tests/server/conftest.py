@@ -7,7 +7,6 @@ everything from HTTP to the block manager in seconds.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import openai
@@ -54,11 +53,6 @@ def start_server(tokenizer, hello_world_ids):
 
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-def engines(server: Server):
-    """The in-process engines behind a server (LocalInstance handles only)."""
-    return [h.loop.engine for h in server.frontend.handles.values()]
 
 
 def engine_requests(server: Server) -> int:
