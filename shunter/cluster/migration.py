@@ -294,26 +294,36 @@ class MigrationCoordinator:
         except ValueError as e:
             self.abort(m, now, f"the destination refused the import: {e}")
             return False
-        m.src.release_migrated(m.request_id, now)
-        self._end(m, now, COMMITTED)
+        # The destination owns the request from here on, whatever the source answers (a dead source's
+        # blocks died with it): the migration is committed even if telling the source fails.
+        try:
+            m.src.release_migrated(m.request_id, now)
+        finally:
+            self._end(m, now, COMMITTED)
         return True
 
     def abort(self, m: Migration, now: float, reason: str) -> None:
-        """End the migration: free exactly its reservation; the request runs on at the source."""
-        if not m.is_active:
-            return
-        m.dst.cancel_migration(m.migration_id)
-        if not m.is_waiting:
-            m.src.end_migration(m.request_id)
-        m.abort_reason = reason
-        self._end(m, now, ABORTED)
+        """End the migration: free exactly its reservation; the request runs on at the source.
 
-    def give_up(self, m: Migration, now: float, reason: str) -> None:
-        """End a migration without calling its instances (one is unreachable); the driver frees what it can."""
+        Each side is told on its own: one that cannot be reached (dead, or not answering) does not keep
+        the other from freeing its part; the migration ends either way, then the first failure is raised.
+        """
         if not m.is_active:
             return
+        failures: list[Exception] = []
+        try:
+            m.dst.cancel_migration(m.migration_id)
+        except Exception as exc:
+            failures.append(exc)
+        if not m.is_waiting:
+            try:
+                m.src.end_migration(m.request_id)
+            except Exception as exc:
+                failures.append(exc)
         m.abort_reason = reason
         self._end(m, now, ABORTED)
+        if failures:
+            raise failures[0]
 
     # ---- internals ----------------------------------------------------------------------
     def _move_waiting(self, m: Migration, now: float) -> None:
@@ -323,9 +333,11 @@ class MigrationCoordinator:
             return
         try:
             m.dst.import_request(state)
-        except ValueError as e:  # refusal was checked first; put it back rather than lose it
+        except Exception as e:  # refused (checked first, yet) or unreachable: put it back rather than lose it
             m.src.import_request(state)
             self.abort(m, now, f"the destination refused the import: {e}")
+            if not isinstance(e, ValueError):
+                raise
             return
         m.final_stage_time = now
         self._end(m, now, COMMITTED)

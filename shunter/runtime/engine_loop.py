@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from shunter.engine import InstanceEngine, LoadReport
-from shunter.engine.scheduler import MigrationCandidate
+from shunter.engine.scheduler import MigrationCandidate, RequestState
 from shunter.request import Request, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ class EngineLoop:
     def add_request(self, request: Request) -> Future[None]:
         """Queue a request. If the engine refuses it, its stream ends with finish reason "error" and the reason."""
         return self.call(lambda engine, now: self._add(engine, request, now))
+
+    def resume_request(self, state: RequestState) -> Future[None]:
+        """Take over a request whose instance died: it re-prefills its prompt and the tokens already
+        streamed, then goes on from there. If the engine refuses it, its stream ends with an error."""
+        return self.call(lambda engine, now: self._resume(engine, state, now))
 
     def abort_request(self, request_id: str) -> Future[TokenDelta | None]:
         """Abort in any state; the closing delta also goes out through the outbox."""
@@ -263,6 +268,14 @@ class EngineLoop:
         except ValueError as exc:
             delta = TokenDelta(request.request_id, [], now, ERROR_FINISH, 0)
             self._push(deltas=[delta], errors={request.request_id: str(exc)})
+            raise
+
+    def _resume(self, engine: InstanceEngine, state: RequestState, now: float) -> None:
+        try:
+            engine.import_request(state)
+        except ValueError as exc:
+            delta = TokenDelta(state.request_id, [], now, ERROR_FINISH, len(state.output_token_ids))
+            self._push(deltas=[delta], errors={state.request_id: str(exc)})
             raise
 
     def _abort(self, engine: InstanceEngine, request_id: str, now: float) -> TokenDelta | None:

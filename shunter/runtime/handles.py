@@ -14,13 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from typing import Callable
 
 from shunter.config import SchedulerConfig
 from shunter.engine import LoadReport
-from shunter.engine.scheduler import MigrationCandidate, fit_problem
+from shunter.engine.scheduler import MigrationCandidate, RequestState, fit_problem
 from shunter.request import Request, TokenDelta
 from shunter.runtime.engine_loop import EngineLoop, StepMessage
 from shunter.runtime.spec import InstanceSpec, build_engine
+
+
+class InstanceDied(RuntimeError):
+    """The instance's process (or, in-process, its loop thread) is gone."""
+
+
+class CopyTimedOut(TimeoutError):
+    """A KV copy took longer than its stage may. The copy may still write its target blocks:
+    `wait()` returns once it has stopped, and only then may those blocks be freed."""
+
+    def __init__(self, message: str, wait: Callable[[], object]) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 class InstanceState(str, enum.Enum):
@@ -59,6 +74,17 @@ class InstanceHandle:
         """Validate, then send the request; its tokens (or its refusal) come back as deltas."""
         self.validate(request)
         self._send_add(request)
+
+    def resume_request(self, state: RequestState) -> None:
+        """Take over `state` (no KV: its instance died) and re-prefill it; ValueError (nothing sent) if it
+        could never run here. Its further tokens, or its refusal, come back as deltas."""
+        if self.config is None:
+            raise ValueError(f"instance {self.instance_id} is not ready")
+        problem = fit_problem(self.config, state.request_id, state.num_tokens,
+                              len(state.prompt_token_ids) + state.sampling_params.max_tokens)
+        if problem is not None:
+            raise ValueError(problem)
+        self._send_resume(state)
 
     def abort_request(self, request_id: str, now: float) -> TokenDelta | None:
         """Send an abort; the closing delta comes back through the outbox (None here)."""
@@ -121,10 +147,14 @@ class InstanceHandle:
 
     def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
                     timeout: float = 60.0) -> None:
-        """Copy these KV blocks (all layers) of this instance into `dst_block_ids` of `dst`."""
+        """Copy these KV blocks (all layers) of this instance into `dst_block_ids` of `dst`;
+        CopyTimedOut if that takes longer than `timeout` seconds."""
         raise NotImplementedError
 
     def _send_add(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def _send_resume(self, state: RequestState) -> None:
         raise NotImplementedError
 
     def _send_abort(self, request_id: str) -> None:
@@ -135,6 +165,9 @@ class InstanceHandle:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.instance_id!r}, {self.state.value})"
+
+
+_COPIERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-copy")  # in-process instances' KV copies
 
 
 class LocalInstance(InstanceHandle):
@@ -160,7 +193,13 @@ class LocalInstance(InstanceHandle):
         self.last_report = await asyncio.wrap_future(self.loop.load_report())
         self.state = InstanceState.READY
 
+    def _check_alive(self) -> None:
+        # A loop thread that has ended is this kind's dead process: callers must not wait on it.
+        if not self.loop.is_alive:
+            raise InstanceDied(f"instance {self.instance_id}'s engine loop has stopped")
+
     async def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
+        self._check_alive()
         self._pushed.clear()  # before looking: a push after this sets it again
         messages = self.loop.poll(after_seq, 0.0)
         if not messages:
@@ -177,15 +216,28 @@ class LocalInstance(InstanceHandle):
         self.state = InstanceState.STOPPED
 
     def engine_call(self, name: str, *args, timeout: float = 30.0):
+        self._check_alive()
         return self.loop.engine_call(name, *args).result(timeout)
 
     def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
                     timeout: float = 60.0) -> None:
-        # Beside the steps, not between them: see `copy_safe`.
-        dst.loop.engine.executor.write_blocks(dst_block_ids, self.loop.engine.executor.read_blocks(src_block_ids))
+        self._check_alive()
+        dst._check_alive()
+        # Beside the steps, not between them: see `copy_safe`. In a thread of its own so that a copy
+        # that hangs (a stuck device) times out instead of holding the migration forever.
+        future = _COPIERS.submit(lambda: dst.loop.engine.executor.write_blocks(
+            dst_block_ids, self.loop.engine.executor.read_blocks(src_block_ids)))
+        try:
+            future.result(timeout)
+        except FutureTimeout:
+            raise CopyTimedOut(f"copying {len(src_block_ids)} KV blocks from instance {self.instance_id} to "
+                               f"{dst.instance_id} took over {timeout:g} s", future.exception) from None
 
     def _send_add(self, request: Request) -> None:
         self.loop.add_request(request)
+
+    def _send_resume(self, state: RequestState) -> None:
+        self.loop.resume_request(state)
 
     def _send_abort(self, request_id: str) -> None:
         self.loop.abort_request(request_id)

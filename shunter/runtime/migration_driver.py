@@ -29,7 +29,7 @@ from typing import Callable
 
 from shunter.cluster.migration import Migration, MigrationCoordinator, MigrationRefused
 from shunter.engine.scheduler import MigrationSnapshot, RequestState
-from shunter.runtime.handles import InstanceHandle
+from shunter.runtime.handles import CopyTimedOut, InstanceHandle
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,20 @@ log = logging.getLogger(__name__)
 class HandleEndpoint:
     """An instance handle as the coordinator's `MigrationEndpoint`: every call a blocking engine call."""
 
-    def __init__(self, handle: InstanceHandle, lock: threading.Lock | None = None) -> None:
+    def __init__(self, handle: InstanceHandle, lock: threading.Lock | None = None, timeout: float = 30.0) -> None:
         self.handle = handle
         self.instance_id = handle.instance_id
         self.lock = lock  # the driver's, held by the calling thread: released while the instance answers
+        self.timeout = timeout  # seconds a call may take before the migration gives up on it
+        # Set after a copy into this instance timed out: blocks until that copy has stopped writing.
+        self.copy_in_flight: Callable[[], object] | None = None
 
     def _call(self, name: str, *args):
         if self.lock is None:
-            return self.handle.engine_call(name, *args)
+            return self.handle.engine_call(name, *args, timeout=self.timeout)
         self.lock.release()
         try:
-            return self.handle.engine_call(name, *args)
+            return self.handle.engine_call(name, *args, timeout=self.timeout)
         finally:
             self.lock.acquire()
 
@@ -80,7 +83,20 @@ class HandleEndpoint:
         return self._call("reserved_block_ids", migration_id)
 
     def cancel_migration(self, migration_id: str) -> int:
-        return self._call("cancel_migration", migration_id)
+        wait = self.copy_in_flight
+        if wait is None:
+            return self._call("cancel_migration", migration_id)
+        # A timed-out copy may still write into the reserved blocks: free them only once it has
+        # stopped, or another request could get blocks that are then overwritten.
+        def cancel_later() -> None:
+            try:
+                wait()
+                self.handle.engine_call("cancel_migration", migration_id, timeout=self.timeout)
+            except Exception:
+                log.exception("freeing migration %s's reservation on instance %s failed", migration_id,
+                              self.instance_id)
+        threading.Thread(target=cancel_later, name=f"cancel-{migration_id}", daemon=True).start()
+        return 0
 
     def import_request(self, state: RequestState, migration_id: str | None = None):
         self._call("import_request", state, migration_id)
@@ -95,8 +111,12 @@ class MigrationDriver:
 
     def __init__(self, coordinator: MigrationCoordinator, clock: Callable[[], float] = time.monotonic,
                  on_commit: Callable[[Migration], None] | None = None,
-                 on_end: Callable[[Migration], None] | None = None, num_workers: int = 4) -> None:
+                 on_end: Callable[[Migration], None] | None = None, num_workers: int = 4,
+                 stage_timeout: float = 10.0) -> None:
         self.coordinator = coordinator
+        # A stage's copy, or any call on an instance, that takes longer aborts the migration: the
+        # request goes on at the source (or, if the source died, resumes elsewhere).
+        self.stage_timeout = stage_timeout
         self.clock = clock
         self.on_commit = on_commit
         self.on_end = on_end
@@ -161,8 +181,8 @@ class MigrationDriver:
         try:
             with self._lock:
                 self._queued.discard(request_id)
-                m = self.coordinator.start(request_id, HandleEndpoint(src, self._lock),
-                                           HandleEndpoint(dst, self._lock), self.clock())
+                m = self.coordinator.start(request_id, HandleEndpoint(src, self._lock, self.stage_timeout),
+                                           HandleEndpoint(dst, self._lock, self.stage_timeout), self.clock())
                 self.history.append(m)
                 self._run_stages(m, src, dst)
         finally:
@@ -184,15 +204,21 @@ class MigrationDriver:
                 if plan.num_blocks:
                     self._lock.release()  # the copy is between the two instances; others may go on
                     try:
-                        src.copy_blocks(dst, plan.src_block_ids, plan.dst_block_ids)
+                        src.copy_blocks(dst, plan.src_block_ids, plan.dst_block_ids, timeout=self.stage_timeout)
                     finally:
                         self._lock.acquire()
                 if plan.is_final:
                     coordinator.commit(m, self.clock())
-        except Exception as exc:  # an instance died or a call timed out: give the request back to the source
+        except Exception as exc:  # an instance died or a stage timed out: give the request back to the source
+            if isinstance(exc, CopyTimedOut):
+                m.dst.copy_in_flight = exc.wait
+            if not m.is_active:  # committed: the destination owns it; only telling the source failed
+                log.warning("migration %s committed, but instance %s was not told: %s", m.migration_id, m.src_id, exc)
+                return
+            log.warning("migration %s of %s from %s to %s aborted: %s: %s", m.migration_id, m.request_id,
+                        m.src_id, m.dst_id, type(exc).__name__, exc)
             try:
                 coordinator.abort(m, self.clock(), f"{type(exc).__name__}: {exc}")
-            except Exception:
-                log.exception("aborting migration %s failed too", m.migration_id)
-                coordinator.give_up(m, self.clock(), f"{type(exc).__name__}: {exc}")
-            raise
+            except Exception:  # one side is unreachable; the other has freed its part (see `abort`)
+                log.warning("aborting migration %s: an instance did not answer", m.migration_id, exc_info=True)
+            # The outcome ("aborted", and why) is the migration's: whoever ordered it reads it there.

@@ -21,7 +21,7 @@ import os
 
 from shunter.request import Request
 from shunter.runtime.engine_loop import EngineLoop, StepMessage
-from shunter.runtime.handles import InstanceHandle, InstanceState
+from shunter.runtime.handles import CopyTimedOut, InstanceHandle, InstanceState
 from shunter.runtime.spec import InstanceSpec, build_engine
 
 
@@ -41,6 +41,9 @@ class InstanceWorker:
 
     def add_request(self, request: Request) -> None:
         self.loop.add_request(request)
+
+    def resume_request(self, state) -> None:
+        self.loop.resume_request(state)
 
     def abort_request(self, request_id: str) -> None:
         self.loop.abort_request(request_id)
@@ -124,11 +127,19 @@ class RayInstance(InstanceHandle):
         # The payload goes from this actor to the destination actor through Ray's object store;
         # the frontend passes only the reference.
         payload = self.actor.read_blocks.options(concurrency_group="copy").remote(src_block_ids)
-        ray.get(dst.actor.write_blocks.options(concurrency_group="copy").remote(dst_block_ids, payload),
-                timeout=timeout)
+        written = dst.actor.write_blocks.options(concurrency_group="copy").remote(dst_block_ids, payload)
+        try:
+            ray.get(written, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise CopyTimedOut(f"copying {len(src_block_ids)} KV blocks from instance {self.instance_id} to "
+                               f"{dst.instance_id} took over {timeout:g} s",
+                               lambda: ray.wait([written], timeout=None)) from None
 
     def _send_add(self, request: Request) -> None:
         self.actor.add_request.remote(request)
+
+    def _send_resume(self, state) -> None:
+        self.actor.resume_request.remote(state)
 
     def _send_abort(self, request_id: str) -> None:
         self.actor.abort_request.remote(request_id)

@@ -61,6 +61,12 @@ def register(subparsers) -> None:
                    help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting a local Ray")
     p.add_argument("--runtime", default="ray", choices=["ray", "local"],
                    help="ray: each instance a Ray actor (default); local: instances as threads of this process")
+    p.add_argument("--migration-stage-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a live migration whose stage (a KV copy or an instance call) takes longer is aborted: "
+                        "the request goes on where it was (default 10)")
+    p.add_argument("--restart-failed", action="store_true",
+                   help="start a new instance in place of each one that dies (its requests resume elsewhere "
+                        "either way: re-prefilled on a healthy instance, the stream going on)")
     p.add_argument("--api-key", default=os.environ.get("SHUNTER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $SHUNTER_API_KEY; /health and "
                         "/metrics stay open)")
@@ -130,7 +136,8 @@ def run(args) -> int:
                           admin_remote=args.admin_remote, max_body_bytes=args.max_request_bytes)
     settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances, pd=pd,
                               access=access, max_live_requests=args.max_live_requests,
-                              shutdown_timeout=args.shutdown_timeout,
+                              shutdown_timeout=args.shutdown_timeout, restart_failed=args.restart_failed,
+                              migration_stage_timeout=args.migration_stage_timeout,
                               served_model_names=names, log_level=args.log_level, seed=args.seed,
                               control_interval=args.control_interval)
     server = Server(settings, spec, policy, tokenizer, model_len,
@@ -163,7 +170,7 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name in ("report_interval", "control_interval", "shutdown_timeout"):
+    for name in ("report_interval", "control_interval", "shutdown_timeout", "migration_stage_timeout"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 

@@ -19,11 +19,13 @@ import itertools
 import logging
 import time
 from collections import Counter
+from concurrent.futures import Future
 from typing import AsyncIterator, Callable
 
 from shunter.cluster.bundles import PolicyConfig
 from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
 from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
+from shunter.engine.scheduler import RequestState
 from shunter.request import Request, SamplingParams, TokenDelta
 from shunter.runtime.handles import InstanceHandle, InstanceState
 from shunter.runtime.migration_driver import MigrationDriver
@@ -54,7 +56,8 @@ class Frontend:
 
     def __init__(self, make_handle: HandleFactory, spec: InstanceSpec, policy: PolicyConfig, model_name: str,
                  eos_token_id: int | None, seed: int = 0, control_interval: float = 0.05,
-                 migration: MigrationConfig | None = None, pd: tuple[int, int] | None = None) -> None:
+                 migration: MigrationConfig | None = None, pd: tuple[int, int] | None = None,
+                 restart_failed: bool = False, stage_timeout: float = 10.0) -> None:
         self.make_handle = make_handle
         self.spec = spec
         self.policy = policy
@@ -72,8 +75,11 @@ class Frontend:
         self._instance_ids = itertools.count()
         self._request_ids = itertools.count()
         self.control_interval = control_interval
+        self.restart_failed = restart_failed  # start a replacement for every instance that dies
+        self.stage_timeout = stage_timeout  # a migration stage (copy or instance call) slower than this aborts
         self.coordinator = MigrationCoordinator(migration or MigrationConfig(), spec.block_size)
         self.migrations: MigrationDriver | None = None  # started with the event loop (`start`)
+        self._migrating: set[str] = set()  # requests ordered to migrate whose outcome is not settled here yet
         self._control_task: asyncio.Task | None = None
         # Autoscaling (policy.scaling): instances ordered and not up yet; instances drained to be removed.
         self._num_starting = 0
@@ -120,7 +126,7 @@ class Frontend:
         self.migrations = MigrationDriver(
             self.coordinator,
             on_commit=lambda m: loop.call_soon_threadsafe(self._migrated, m),
-            on_end=lambda m: loop.call_soon_threadsafe(self._migration_ended, m))
+            on_end=lambda m: loop.call_soon_threadsafe(self._migration_ended, m), stage_timeout=self.stage_timeout)
         roles = ["prefill"] * self.pd[0] + ["decode"] * self.pd[1] if self.pd else ["mixed"] * num_instances
         results = await asyncio.gather(*(self._launch(role) for role in roles), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -276,17 +282,73 @@ class Frontend:
             self._end(delta.request_id, delta.finish_reason or "error")
 
     def _instance_failed(self, handle: InstanceHandle, exc: Exception) -> None:
+        """The instance is gone: out of dispatch; each of its requests resumes elsewhere or ends with an error."""
+        if handle.state is InstanceState.FAILED:
+            return
         log.error("instance %s failed: %s", handle.instance_id, exc)
         handle.state = InstanceState.FAILED
         handle.error = f"{type(exc).__name__}: {exc}"
         scheduler = self._scheduler_for(handle)
         if handle.instance_id in scheduler.views:
             scheduler.remove_instance(handle.instance_id)
+        self._scaling_down.discard(handle.instance_id)
         self.metrics.forget_instance(handle.instance_id)
-        for rid, stream in list(self.streams.items()):
-            if stream.instance_id == handle.instance_id:
-                self._end(rid, "error", f"instance {handle.instance_id} failed")
+        self.metrics.instance_failures.inc()
+        for stream in [s for s in self.streams.values() if s.instance_id == handle.instance_id]:
+            if stream.request_id in self._migrating:
+                # A commit may already have handed it to the destination: the migration's outcome decides.
+                stream.resume_pending = True
+            else:
+                self._resume(stream)
         self._update_state_gauge()
+        if self.restart_failed:
+            self._num_starting += 1
+            asyncio.create_task(self._replace(handle))
+
+    def _resume(self, stream: RequestStream) -> None:
+        """Re-prefill a request whose instance died (prompt + the tokens already streamed) on a healthy
+        instance, so the client's stream goes on; if none can take it, end it with an error."""
+        failed_id = stream.instance_id
+        stream.resume_pending = False
+        state = RequestState.of(stream.request, [])
+        state.output_token_ids = list(stream.token_ids)
+        state.num_computed_tokens = 0  # its KV died with the instance
+        request = state.to_request()
+        handle, problem = None, "no healthy instance can take it"
+        for scheduler in self._schedulers_for_resume(failed_id):
+            try:
+                handle = scheduler.select_instance(request, time.monotonic())
+                handle.resume_request(state)
+            except ValueError as exc:
+                handle, problem = None, str(exc)
+                continue
+            scheduler.count_incoming(request, handle.instance_id)
+            break
+        if handle is None:
+            self._end(stream.request_id, "error", f"instance {failed_id} failed and the request could not be "
+                                                  f"resumed elsewhere: {problem}")
+            return
+        log.warning("request %s resumed on instance %s after instance %s failed (%d tokens re-prefilled)",
+                    stream.request_id, handle.instance_id, failed_id, state.num_tokens)
+        stream.instance_id = handle.instance_id
+        stream.ahead.clear()  # whatever the dead instance sent past a gap will come again from the new one
+        stream.num_resumes += 1
+        self.metrics.resumes.inc()
+
+    def _schedulers_for_resume(self, failed_id: str) -> list[GlobalScheduler]:
+        # P/D: a request with output decodes, so a decode instance first; a prefill one will do.
+        return [self.scheduler] if self.decode_scheduler is None else [self.decode_scheduler, self.scheduler]
+
+    async def _replace(self, failed: InstanceHandle) -> None:
+        """--restart-failed: start an instance of the same role in place of a dead one."""
+        try:
+            handle = await self.add_instance(failed.role)
+            log.warning("instance %s started in place of failed instance %s", handle.instance_id, failed.instance_id)
+            self.metrics.restarts.inc()
+        except Exception:
+            log.exception("starting a replacement for instance %s failed", failed.instance_id)
+        finally:
+            self._num_starting -= 1
 
     # ---- live migration ---------------------------------------------------------------------------
     async def migrate(self, request_id: str, dst_id: str) -> Migration:
@@ -303,14 +365,36 @@ class Frontend:
         if dst.state is not InstanceState.READY:
             raise MigrationRefused(f"instance {dst_id} is {dst.state.value}: it takes no work")
         src = self.get_handle(stream.instance_id)
-        return await asyncio.wrap_future(self.migrations.submit(request_id, src, dst))
+        return await asyncio.wrap_future(self._submit_migration(request_id, src, dst))
+
+    def _submit_migration(self, request_id: str, src: InstanceHandle, dst: InstanceHandle) -> Future[Migration]:
+        """Hand an order to the driver; the request counts as migrating until its outcome is settled here."""
+        future = self.migrations.submit(request_id, src, dst)
+        self._migrating.add(request_id)
+        loop = asyncio.get_running_loop()
+        # Runs after `_migrated` and `_migration_ended` (scheduled first, from the driver's thread).
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._migration_settled, request_id))
+        return future
+
+    def _migration_settled(self, request_id: str) -> None:
+        """The migration's outcome is known here: if the request's instance died meanwhile, resume it now
+        (unless a commit handed it to a live destination)."""
+        self._migrating.discard(request_id)
+        stream = self.streams.get(request_id)
+        if stream is None or not stream.resume_pending:
+            return
+        owner = self.handles.get(stream.instance_id)
+        if owner is not None and owner.state is not InstanceState.FAILED:
+            stream.resume_pending = False
+        else:
+            self._resume(stream)
 
     def _order(self, order: MigrationOrder) -> None:
         src, dst = self.handles.get(order.src_id), self.handles.get(order.dst_id)
         if src is None or dst is None or dst.state is not InstanceState.READY or order.request_id not in self.streams:
             return
         try:
-            self.migrations.submit(order.request_id, src, dst)
+            self._submit_migration(order.request_id, src, dst)
         except MigrationRefused:
             pass  # already moving; the next tick sees fresher reports
 
@@ -327,7 +411,7 @@ class Frontend:
                         src.instance_id)
             return
         try:
-            self.migrations.submit(stream.request_id, src, dst)
+            self._submit_migration(stream.request_id, src, dst)
         except MigrationRefused as exc:
             log.warning("P/D hand-off of %s refused: %s", stream.request_id, exc)
             return

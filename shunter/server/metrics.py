@@ -60,6 +60,11 @@ class ServerMetrics:
         self.migration_downtime = Histogram("shunter_migration_downtime_seconds",
                                             "Time a migrated request made no progress (the final stage).",
                                             buckets=MIGRATION_BUCKETS, registry=r)
+        self.instance_failures = Counter("shunter_instance_failures", "Instances found dead.", registry=r)
+        self.resumes = Counter("shunter_request_resumes",
+                               "Requests re-prefilled on a healthy instance after theirs died.", registry=r)
+        self.restarts = Counter("shunter_instance_restarts", "Instances started in place of dead ones "
+                                "(--restart-failed).", registry=r)
 
     def observe_report(self, report: LoadReport) -> None:
         labels = (self.model_name, report.instance_id)

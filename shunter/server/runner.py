@@ -41,6 +41,8 @@ class ServerSettings:
     access: AccessPolicy = field(default_factory=AccessPolicy)
     max_live_requests: int = 1024
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    restart_failed: bool = False  # start a replacement for each instance that dies
+    migration_stage_timeout: float = 10.0  # seconds a migration stage may take before it aborts
 
 
 def local_handles(instance_id: str, spec: InstanceSpec) -> InstanceHandle:
@@ -60,7 +62,9 @@ class Server:
                  max_model_len: int, make_handle: HandleFactory = local_handles) -> None:
         self.settings = settings
         self.frontend = Frontend(make_handle, spec, policy, settings.served_model_names[0], tokenizer.eos_token_id,
-                                 seed=settings.seed, control_interval=settings.control_interval, pd=settings.pd)
+                                 seed=settings.seed, control_interval=settings.control_interval, pd=settings.pd,
+                                 restart_failed=settings.restart_failed,
+                                 stage_timeout=settings.migration_stage_timeout)
         max_len = spec.max_model_len or max_model_len
         self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len,
                                  settings.access, settings.max_live_requests)

@@ -47,6 +47,9 @@ class RequestStream:
     request: Request | None = None  # as dispatched (P/D picks the decode instance with it)
     last_token_time: float | None = None  # when the frontend last received tokens (inter-token latency)
     handoff_pending: bool = False  # P/D: migrate to a decode instance after the first token
+    token_ids: list[int] = field(default_factory=list)  # every token streamed so far (a resume re-prefills them)
+    resume_pending: bool = False  # its instance died mid-migration: the migration's end decides where it goes
+    num_resumes: int = 0
 
     def push(self, delta: TokenDelta, error: str | None = None) -> None:
         """Take a delta from an instance (called on the event loop); deltas ahead of a gap wait for it."""
@@ -77,6 +80,7 @@ class RequestStream:
         if not tokens and delta.finish_reason is None:
             return
         self.next_index += len(tokens)
+        self.token_ids.extend(tokens)
         if delta.finish_reason is not None:
             self.finished = True
         self.queue.put_nowait(StreamEvent(list(tokens), delta.time, delta.finish_reason, error))

@@ -352,3 +352,51 @@ def test_config_validation_and_link_bandwidths():
             MigrationConfig(**bad)
     with pytest.raises(ValueError, match="choose from: pcie-gen4"):
         MigrationConfig.for_link("carrier-pigeon")
+
+
+class Unreachable:
+    """An endpoint whose instance is gone: every call raises."""
+
+    def __init__(self, instance):
+        self.instance_id = instance.instance_id
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise ConnectionError(f"instance {self.instance_id} is gone")
+        return fail
+
+
+def test_abort_with_a_dead_destination_still_gives_the_request_back_to_the_source():
+    a, b, coord, r, m = _started()
+    plan = coord.advance(m, 0.0)
+    while not plan.is_final:
+        plan = coord.advance(m, 0.0)
+    assert r.request_id in a.engine.scheduler.suspended
+    m.dst = Unreachable(b)
+    with pytest.raises(ConnectionError):
+        coord.abort(m, 1.0, "the destination died")
+    assert m.outcome == ABORTED and not coord.active and not coord.request_to_migration
+    assert r.status is RequestStatus.RUNNING and r.request_id not in a.engine.scheduler.suspended
+    drain(a.engine)
+    assert r.output_token_ids == reference_output(r.prompt_token_ids, 16)
+    assert_all_free(a.engine)
+
+
+def test_a_commit_stands_when_the_source_dies_after_the_destination_took_the_request():
+    a, b, coord, r, m = _started()
+    plan = coord.advance(m, 0.0)
+    while not plan.is_final:
+        copy_plan(a.engine, b.engine, plan)
+        plan = coord.advance(m, 0.0)
+    copy_plan(a.engine, b.engine, plan)
+    real_src, dead = m.src, Unreachable(a)
+    m.src = type("DiesAfterProgress", (), {
+        "instance_id": "A",
+        "migration_progress": lambda self, rid: real_src.migration_progress(rid),
+        "release_migrated": lambda self, rid, now: dead.release_migrated(rid, now)})()
+    with pytest.raises(ConnectionError):
+        coord.commit(m, 1.0)
+    assert m.outcome == COMMITTED and not coord.active  # the destination owns it: never aborted, never twice
+    assert r.request_id in b.engine.scheduler.requests
+    drain(b.engine)
+    assert_all_free(b.engine)
