@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from typing import Callable
 
@@ -188,7 +189,7 @@ class LocalInstance(InstanceHandle):
         self.loop = EngineLoop(engine, self.spec.report_interval,
                                on_push=lambda: aio_loop.call_soon_threadsafe(pushed.set))
         self.config = engine.config
-        self.facts = facts
+        self.facts = {**facts, "pid": os.getpid()}
         self.loop.start()
         self.last_report = await asyncio.wrap_future(self.loop.load_report())
         self.state = InstanceState.READY
