@@ -12,7 +12,7 @@ from shunter.cluster.bundles import build_policy
 from shunter.runtime.spec import InstanceSpec
 from shunter.server.runner import Server, ServerSettings, wait_until
 from shunter.server.security import AccessPolicy
-from tests.server.conftest import MODEL, engine_requests
+from tests.server.conftest import MODEL, engine_requests, used_blocks
 
 KEY, ADMIN = "sk-test-123", "admin-456"
 
@@ -106,3 +106,47 @@ def test_beyond_the_in_flight_limit_requests_get_429_with_retry_after_and_admitt
     assert results == [60, 60]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'shunter_requests_rejected_total{status="429"} 1.0' in metrics
+
+
+def test_a_burst_far_above_capacity_stays_bounded_and_loses_nothing_admitted(secured):
+    """2,000 requests at once against a limit of 32: the rest get 429 at once, memory stays bounded,
+    every admitted request completes whole, and nothing is left allocated afterwards."""
+    import asyncio
+
+    import aiohttp
+
+    server = secured(max_live_requests=32)
+    peak, statuses, lengths = [0], [], []
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    async def one(http) -> None:
+        async with http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 20}) as resp:
+            statuses.append(resp.status)
+            body = await resp.json()
+            if resp.status == 200:
+                lengths.append(body["usage"]["completion_tokens"])
+            else:
+                assert body["error"]["type"] == "RateLimitError" and resp.headers["retry-after"]
+
+    async def burst() -> None:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(server.url, connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=60)) as http:
+            tasks = [asyncio.create_task(one(http)) for _ in range(2000)]
+            while not all(t.done() for t in tasks):
+                peak[0] = max(peak[0], server.frontend.num_live_requests())
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*tasks)
+
+    before = rss_mb()
+    asyncio.run(burst())
+    assert len(statuses) == 2000 and set(statuses) <= {200, 429}
+    assert statuses.count(200) >= 32 and statuses.count(429) > 1000
+    assert lengths == [20] * statuses.count(200)  # every admitted request whole
+    assert peak[0] <= 32  # the in-flight bound held at every sample
+    assert rss_mb() - before < 100  # client and server share this process: both stayed bounded
+    assert wait_until(lambda: server.frontend.num_live_requests() == 0 and engine_requests(server) == 0, 5)
+    assert used_blocks(server) == 0
