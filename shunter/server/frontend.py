@@ -223,6 +223,14 @@ class Frontend:
             handle.abort_request(request_id, time.monotonic())
         self._end(request_id, "abort")
 
+    def abort_all(self, reason: str) -> None:
+        """Abort every live request on its instance; each stream ends with an error event saying `reason`."""
+        for request_id, stream in list(self.streams.items()):
+            handle = self.handles.get(stream.instance_id)
+            if handle is not None and handle.state is not InstanceState.FAILED:
+                handle.abort_request(request_id, time.monotonic())
+            self._end(request_id, "error", reason)
+
     def finish_stopped(self, request_id: str) -> None:
         """The client's stop string matched: end it on the owning instance as stopped."""
         stream = self.streams.get(request_id)

@@ -100,10 +100,21 @@ class Server:
                 self.started.set()
                 if on_ready is not None:
                     on_ready(self)
+            deadline = asyncio.create_task(self._end_streams_at_the_deadline())
             await serve_task
+            deadline.cancel()
         finally:
             await self.frontend.shutdown()
             self.started.set()  # never leave a waiter hanging
+
+    async def _end_streams_at_the_deadline(self, margin: float = 0.5) -> None:
+        """Once shutdown begins: requests still running shortly before the graceful deadline end with a
+        clear error event (then `[DONE]`), instead of having their connections cut when uvicorn gives up."""
+        while not self._uvicorn.should_exit:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(max(0.0, self.settings.shutdown_timeout - margin))
+        self.frontend.abort_all("the server shut down before the request finished "
+                                f"(--shutdown-timeout {self.settings.shutdown_timeout:g} s)")
 
     # ---- in a thread (tests, benchmarks) ---------------------------------------------------
     def start_in_thread(self, timeout: float = 120.0) -> Server:
