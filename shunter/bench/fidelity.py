@@ -55,6 +55,11 @@ DEFAULT_PROFILE_ROUNDS = 2  # one round leaves a grid point's mean 2-4 % off on 
 MAX_CONTENTION = 0.05  # above this, the replay was slowed by other processes (see runqueue_wait_seconds)
 METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
 PACKAGED = "packaged"  # `--profile packaged`: the profile shipped with Shunter
+CONTROL_INTERVAL = 0.05  # seconds: `shunter serve`'s default control and report intervals
+# What a migration stage costs between two instances on one machine (Ray calls and a copy through
+# shared memory): a few calls of a few ms each on a busy 2-core host, and memory-copy bandwidth.
+MIGRATION_STAGE_LATENCY = 0.01
+MIGRATION_BANDWIDTH = 2e9
 
 
 @dataclass
@@ -88,12 +93,29 @@ def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
     return FidelityWorkload(sim, real)
 
 
-def simulate(workload: FidelityWorkload, latency, max_model_len: int):
-    """The workload on one simulated instance with the real engine's scheduler limits."""
+def simulate(workload: FidelityWorkload, latency, max_model_len: int, num_instances: int = 1,
+             policy: str | None = None, kv_bytes_per_block: int = 0):
+    """The workload on simulated instances with the real engine's scheduler limits.
+
+    One instance: no control loop (nothing to dispatch or migrate). Several: the
+    policy bundle's dispatch and migration on load reports every
+    `CONTROL_INTERVAL`, as the serving frontend runs them; a migration stage
+    costs `MIGRATION_STAGE_LATENCY` plus its KV bytes at `MIGRATION_BANDWIDTH`.
+    """
+    from shunter.cluster.bundles import build_policy
+    from shunter.cluster.migration import MigrationConfig
     from shunter.profiling.profiler import engine_scheduler_config
     from shunter.sim.simulator import SimConfig, Simulator
 
-    config = SimConfig(num_instances=1, scheduler=engine_scheduler_config(max_model_len), control_interval=None)
+    scheduler = engine_scheduler_config(max_model_len)
+    if num_instances == 1:
+        config = SimConfig(num_instances=1, scheduler=scheduler, control_interval=None)
+    else:
+        config = SimConfig(num_instances=num_instances, scheduler=scheduler, policy=build_policy(policy),
+                           control_interval=CONTROL_INTERVAL,
+                           migration=MigrationConfig(bandwidth_bytes_per_s=MIGRATION_BANDWIDTH,
+                                                     kv_bytes_per_block=kv_bytes_per_block,
+                                                     stage_latency=MIGRATION_STAGE_LATENCY))
     result = Simulator(config, latency, workload.sim).run()
     if result.rejected or result.unfinished:
         raise RuntimeError(f"the simulator left requests unserved: {result.rejected or result.unfinished}")
@@ -187,6 +209,10 @@ def register(bench_subparsers) -> None:
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before profiling and before the replay, wait up to this long for other processes "
                         "to leave the CPUs alone")
+    p.add_argument("--instances", type=int, default=1,
+                   help="real instances: above 1, the workload runs on that many Ray-actor instances behind the "
+                        "serving frontend (dispatch and live migration by --policy) and on as many simulated ones")
+    p.add_argument("--policy", default="llumnix", help="policy bundle of both clusters (with --instances > 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     p.error = one_line_error
@@ -203,6 +229,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     if args.wait_idle < 0:
         raise ValueError(f"--wait-idle must be >= 0 seconds, got {args.wait_idle}")
+    if args.instances < 1:
+        raise ValueError(f"--instances must be at least 1, got {args.instances}")
+    if args.instances > 1:
+        from shunter.cluster.bundles import BUNDLES
+
+        if args.policy not in BUNDLES.names():
+            raise ValueError(f"unknown policy bundle {args.policy!r}: use one of {', '.join(BUNDLES.names())}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.profile_rounds < 1:
@@ -231,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
         threads = args.threads or profile.metadata["threads"]
     else:
         dtype = args.dtype or "auto"
-        threads = args.threads or default_threads()
+        # Instances share this machine's cores: each is profiled with the threads it will run with.
+        threads = args.threads or max(1, default_threads() // args.instances)
     show = not args.quiet and sys.stderr.isatty()
     return _run(args, profile, dtype, threads, show)
 
@@ -275,6 +309,8 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
     print(f"{len(workload.sim)} requests over {span:.0f} s ({args.rate:g} req/s): {num_prompt} prompt + {num_output} "
           f"output tokens; {real.dtype}, {real.threads} threads; profile fit error {latency.fit_error:.1%}")
 
+    if args.instances > 1:
+        return _run_cluster(args, real, workload, latency, profile, show_progress)
     if args.wait_idle:
         wait_until_idle(args.wait_idle)
     load_before = load_average()
@@ -339,3 +375,129 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
             json.dump(report, f, indent=1)
             f.write("\n")
     return 0
+
+
+def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_progress: bool) -> int:
+    """`--instances N`: the workload on N real instances behind the serving frontend, then in the simulator."""
+    import asyncio
+
+    from shunter.model.executor import kv_bytes_per_block
+    from shunter.profiling.machine import load_average
+
+    kv_bytes = kv_bytes_per_block(real.engine.executor.model.config, real.engine.config.block_size,
+                                  real.engine.executor.model.dtype)
+    config = real.engine.config
+    del real.engine  # the profiling engine's weights and KV cache: the instances load their own
+    load_before = load_average()
+    measured = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress))
+    load_after = load_average()
+    t0 = time.perf_counter()
+    sim_result = simulate(workload, latency, real.max_model_len, args.instances, args.policy, kv_bytes)
+    sim_wall = time.perf_counter() - t0
+    real_figures = latency_figures(measured.records)
+    sim_figures = latency_figures(sim_result.records)
+    report = {
+        **compare(real_figures, sim_figures),
+        "target": TARGET_ERROR,
+        "real": real_figures,
+        "sim": sim_figures,
+        "instances": args.instances,
+        "policy": args.policy,
+        "migrations": {"real": measured.num_committed, "real_aborted": len(measured.migrations) - measured.num_committed,
+                       "sim": _sim_migrations(sim_result)},
+        "finished_on": {"real": _finished_on(measured), "sim": _finished_on(sim_result)},
+        "workload": {"requests": len(workload.sim), "rate": args.rate, "seed": args.seed, "context": CONTEXT,
+                     "prompt_tokens": sum(w.num_prompt_tokens for w in workload.sim),
+                     "output_tokens": sum(w.num_output_tokens for w in workload.sim),
+                     "span_seconds": workload.sim[-1].arrival_time},
+        "engine": {"dtype": real.dtype, "threads_per_instance": real.threads, "scheduler": {k: getattr(config, k) for k in (
+            "num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+            "enable_prefix_caching")}},
+        "profile": {"source": args.profile or f"measured in this run ({args.profile_rounds} rounds)",
+                    "cpu": profile.metadata.get("cpu"), "coefficients": latency.coefficients,
+                    "fit_error": latency.fit_error},
+        "requests": per_request(workload, measured.records, sim_result.records),
+        "diagnostics": {"replay_seconds": measured.wall_seconds, "sim_wall_seconds": sim_wall,
+                        "load_average": {"before": load_before, "after": load_after}},
+    }
+    print(format_cluster_report(report))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, show_progress: bool):
+    from shunter.bench.cluster_replay import replay_cluster
+    from shunter.cluster.bundles import build_policy
+    from shunter.runtime.spec import InstanceSpec
+    from shunter.server.cli import start_ray
+    from shunter.server.frontend import Frontend
+    from shunter.server.runner import ray_handles
+
+    start_ray(None)
+    spec = InstanceSpec(dtype=real.dtype, num_threads=real.threads, block_size=config.block_size,
+                        num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
+                        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
+                        enable_prefix_caching=config.enable_prefix_caching, report_interval=CONTROL_INTERVAL,
+                        seed=args.seed)
+    frontend = Frontend(ray_handles, spec, build_policy(args.policy), "fidelity", eos_token_id=None,
+                        seed=args.seed, control_interval=CONTROL_INTERVAL)
+    bar = None
+    try:
+        await frontend.start(args.instances)
+        await _warm_up(frontend, real.vocab_size)
+        frontend.migrations.history.clear()
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(workload.real), unit="req", desc="replaying", leave=False)
+        return await replay_cluster(frontend, workload.real, on_finish=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+        await frontend.shutdown()
+        import ray
+
+        ray.shutdown()
+
+
+async def _warm_up(frontend, vocab_size: int) -> None:
+    """One short request per instance: one-time costs (kernel set-up, allocator growth) are not serving."""
+    from shunter.request import SamplingParams
+
+    for handle in list(frontend.handles.values()):
+        stream = frontend.submit([100 + i % (vocab_size - 100) for i in range(300)],
+                                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        async for event in frontend.events(stream):
+            if event.finish_reason is not None:
+                break
+
+
+def _sim_migrations(result) -> int:
+    return sum(1 for m in result.migrations if m.outcome == "committed")
+
+
+def _finished_on(result) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in result.records:
+        counts[r.instance_id] = counts.get(r.instance_id, 0) + 1
+    return counts
+
+
+def format_cluster_report(report: dict) -> str:
+    real, sim = report["real"], report["sim"]
+    lines = [f"{report['instances']} instances, policy {report['policy']}",
+             f"{'':<10} {'real':>9} {'sim':>9} {'error':>7}"]
+    for m in METRICS:
+        err = report[f"{m}_err"]
+        flag = "" if err <= TARGET_ERROR else "  > target"
+        lines.append(f"{m:<10} {real[m]:>8.3f}s {sim[m]:>8.3f}s {err:>7.1%}{flag}")
+    mig = report["migrations"]
+    lines.append(f"migrations committed: real {mig['real']} ({mig['real_aborted']} aborted), sim {mig['sim']}")
+    lines.append(f"requests per instance (where they finished): real {report['finished_on']['real']}, "
+                 f"sim {report['finished_on']['sim']}")
+    d = report["diagnostics"]
+    lines.append(f"replay {d['replay_seconds']:.1f} s; load average {d['load_average']}")
+    return "\n".join(lines)

@@ -32,7 +32,6 @@ class InstanceWorker:
         engine, self.facts = build_engine(spec, instance_id)
         self.executor = engine.executor
         self.facts["host"] = os.uname().nodename
-        self.facts["pid"] = os.getpid()
         self.config = engine.config
         self.loop = EngineLoop(engine, spec.report_interval)
         self.loop.start()
