@@ -7,8 +7,11 @@ HTTP) and the serving frontend's own migration driver. For each sequence
 length L, a request with an L-token prompt decodes on instance 0 beside
 `--others` other decoding requests, and is then migrated to instance 1:
 
-- downtime: the migration's final stage, from suspending the request on the
-  source to its commit on the destination (the time it made no progress);
+- downtime: the migration's final stage, from the source's answer to the
+  suspension (its last step there has ended) to the destination's import (the
+  time it made no progress);
+- max gap: the longest pause between two of the request's tokens as the
+  client receives them, across the move (a decode step on each side included);
 - blocking copy: the same migration as one stop-and-copy stage (the whole KV
   copied while the request waits: its downtime);
 - recompute: prefilling a fresh L-token prompt on the idle destination
@@ -128,6 +131,8 @@ async def _measure(lengths: list[int], args) -> dict:
                     row["blocks_per_stage"] = m.blocks_per_stage
                     # Before: once the request decodes (its long prefill slows everybody's steps).
                     row["source_slowdown"] = _slowdown(other_times, times[4], began, ended)
+                    # What the client sees: the longest pause between two of its tokens across the move.
+                    row["max_gap_ms"] = max((b - a for a, b in zip(times, times[1:]) if b >= began), default=0) * 1000
                 for s in [stream, *others]:
                     frontend.abort(s.request_id)
                 for t in [task, *other_tasks]:
@@ -152,6 +157,7 @@ async def _measure(lengths: list[int], args) -> dict:
         "recompute_ms": [r["recompute_ms"] for r in rows],
         "decode_step_ms": [r["decode_step_ms"] for r in rows],
         "source_slowdown": [r["source_slowdown"] for r in rows],
+        "max_gap_ms": [r["max_gap_ms"] for r in rows],
         "stages": [r["stages"] for r in rows],
         "blocks_per_stage": [r["blocks_per_stage"] for r in rows],
         "others": args.others,
@@ -176,10 +182,10 @@ def _print(r: dict) -> None:
     print(f"shunter bench migration: two Ray-actor instances of the built-in model (1 thread each), "
           f"{r['others']} other requests decoding on the source")
     print(f"  {'length':>7} {'downtime':>10} {'blocking copy':>14} {'recompute':>10} {'decode step':>12} "
-          f"{'recompute/downtime':>19} {'source slowdown':>16}")
+          f"{'recompute/downtime':>19} {'source slowdown':>16} {'max gap':>9}")
     for i, n in enumerate(r["lengths"]):
         slow = r["source_slowdown"][i]
         print(f"  {n:>7} {r['downtime_ms'][i]:>8.1f}ms {r['blocking_copy_ms'][i]:>12.1f}ms "
               f"{r['recompute_ms'][i]:>8.0f}ms {r['decode_step_ms'][i]:>10.1f}ms "
               f"{r['recompute_ms'][i] / r['downtime_ms'][i]:>18.1f}x "
-              f"{'-' if slow is None else f'{(slow - 1) * 100:+.1f} %':>16}")
+              f"{'-' if slow is None else f'{(slow - 1) * 100:+.1f} %':>16} {r['max_gap_ms'][i]:>7.1f}ms")

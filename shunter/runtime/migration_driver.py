@@ -201,6 +201,11 @@ class MigrationDriver:
                 plan = coordinator.advance(m, self.clock())
                 if plan is None:
                     break  # aborted, or a waiting request moved in one step
+                if plan.is_final:
+                    # The request stops decoding when the source applies the suspension, at the end of the
+                    # step under way when it was asked (a step in which it still decoded): stamp the
+                    # final stage when the source has answered, not when it was asked.
+                    m.final_stage_time = self.clock()
                 if plan.num_blocks:
                     self._lock.release()  # the copy is between the two instances; others may go on
                     try:
@@ -209,6 +214,8 @@ class MigrationDriver:
                         self._lock.acquire()
                 if plan.is_final:
                     coordinator.commit(m, self.clock())
+                    if m.outcome == "committed":
+                        m.end_time = self.clock()  # the destination has imported it: it decodes there now
         except Exception as exc:  # an instance died or a stage timed out: give the request back to the source
             if isinstance(exc, CopyTimedOut):
                 m.dst.copy_in_flight = exc.wait
