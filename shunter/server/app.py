@@ -78,7 +78,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.frontend.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra={"requestBody": protocol.openapi_body(CompletionRequest)})
     async def completions(request: Request) -> Response:
         req = protocol.parse(CompletionRequest, await _json(request, state.access.max_body_bytes))
         protocol.check_model(req.model, state.served_model_names)
@@ -92,7 +92,7 @@ def build_app(state: ServerState) -> FastAPI:
         gen = protocol.generation(req, req.max_tokens)
         return await _generate(request, state, gen, prompt_ids, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": protocol.openapi_body(ChatCompletionRequest)})
     async def chat_completions(request: Request) -> Response:
         req = protocol.parse(ChatCompletionRequest, await _json(request, state.access.max_body_bytes))
         protocol.check_model(req.model, state.served_model_names)

@@ -183,6 +183,25 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     return out
 
 
+def openapi_body(cls: type[_Common]) -> dict:
+    """The OpenAPI `requestBody` that describes `cls` (the handlers read the raw JSON themselves, so that
+    every error is ours; this only documents the body, for clients and for the schema-driven fuzz test)."""
+    schema = cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # `#/$defs/...` would resolve against the OpenAPI document, not this schema
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"required": True, "content": {"application/json": {"schema": inline(schema)}}}
+
+
 def check_model(name: str, served: list[str]) -> None:
     if name not in served:
         raise OpenAIError(404, f"The model '{name}' does not exist. Served: {', '.join(served)}",
