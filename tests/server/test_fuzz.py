@@ -31,6 +31,7 @@ ENDPOINTS = ["/v1/completions", "/v1/chat/completions"]
 REQUEST_TIMEOUT_S = 10.0  # per request: a hang fails the example instead of the whole run
 FUZZ = settings(max_examples=150, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
+REAL_MODEL_FUZZ = settings(FUZZ, max_examples=200)  # 100 missed the top_p bug; 200 finds it
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,39 @@ def test_the_openapi_schema_describes_both_request_bodies(server):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 @pytest.mark.parametrize("path", ENDPOINTS)
 def test_fuzzed_bodies_get_no_5xx_no_hang_and_leave_nothing_allocated(server, schema, session, path, mode):
-    strategy = schema[path]["POST"].as_strategy(generation_mode=mode)
+    fuzz(server, schema[path]["POST"].as_strategy(generation_mode=mode), session, mode, FUZZ)
 
-    @FUZZ
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_fuzzed_sampling_parameters_on_the_real_model_get_no_5xx(tokenizer, session, path):
+    # The null executor samples nothing: here the real sampler meets the fuzzed temperatures, top_p and
+    # top_k (it once picked no real token for temperature 1e-300, and failed the step for top_p 1e-300).
+    from shunter.model.loader import prepare_checkpoint, source_path
+
+    spec = InstanceSpec(model=source_path(prepare_checkpoint(None)), num_threads=1, max_model_len=256,
+                        report_interval=0.02)
+    srv = Server(ServerSettings(port=0, num_instances=1, served_model_names=(MODEL,)), spec,
+                 build_policy("rr"), tokenizer, 256).start_in_thread(timeout=120)
+    try:
+        strategy = schemathesis.openapi.from_url(srv.url + "/openapi.json")[path]["POST"].as_strategy()
+        fuzz(srv, strategy, session, GenerationMode.POSITIVE, REAL_MODEL_FUZZ, max_tokens=3)
+    finally:
+        srv.stop()
+
+
+def fuzz(server: Server, strategy, session, mode: GenerationMode, fuzz_settings, max_tokens: int | None = None):
+    """Send each body `strategy` draws to `server`; check the answer and that nothing is left behind."""
+
+    @fuzz_settings
     @given(data=st.data())
     def run(data) -> None:
         case = data.draw(strategy)
         if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
             case.body["model"] = MODEL  # any other name is a 404 before the rest is looked at (test_bad_input)
+        if max_tokens is not None and isinstance(case.body, dict):  # a few tokens each: the model is slow
+            case.body["max_tokens"] = max_tokens
+            case.body.pop("max_completion_tokens", None)
         resp = session.request(**case.as_transport_kwargs(base_url=server.url), timeout=REQUEST_TIMEOUT_S)
         check_answer(resp, negative=mode.is_negative)
         assert wait_until(lambda: server.frontend.num_live_requests() == 0, 5), "a request left in the frontend"
