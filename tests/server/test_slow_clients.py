@@ -37,8 +37,7 @@ def server(tokenizer, hello_world_ids):
 
 
 def connect(server: Server) -> socket.socket:
-    sock = socket.create_connection((server.settings.host, server.settings.port), timeout=10)
-    return sock
+    return socket.create_connection((server.settings.host, server.settings.port), timeout=10)
 
 
 def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
