@@ -41,11 +41,17 @@ _FINISH_REASONS = {
 }
 
 
+# Temperatures below this sample greedily (vLLM's threshold too): dividing the logits by a smaller one
+# overflows float32 (or rounds the temperature itself to 0), and sampling would pick no real token.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's output (vLLM's names and meanings).
 
-    `temperature=0` is greedy. `top_k=-1` and `top_p=1` disable those filters.
+    `temperature=0` is greedy, and so is any temperature below `GREEDY_BELOW`.
+    `top_k=-1` and `top_p=1` disable those filters.
     `seed` makes sampling reproducible per request, independent of batching,
     preemption and migration. `stop` strings are matched on detokenized text by
     the frontend; `stop_token_ids` and EOS are matched by the scheduler.
@@ -84,7 +90,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_number(x: object) -> bool:

@@ -70,7 +70,10 @@ class Sampler:
             scaled = _mask_top_k(scaled, params)
         # Unnormalised probabilities; filtered tokens weigh 0.
         weights = (scaled - scaled.amax(dim=-1, keepdim=True)).exp_()
+        # A top_p that rounds to 0 in this dtype would leave an empty nucleus (every draw rejected, then
+        # none left to draw from): the smallest normal number keeps at least the heaviest token.
         top_p = torch.tensor([p.top_p for p in params], dtype=weights.dtype, device=device)
+        top_p = top_p.clamp_min(torch.finfo(weights.dtype).tiny)
         nucleus_mass = top_p * weights.sum(dim=-1)
         streams = _UniformStreams(self.generator, params, num_output_tokens)
         tokens = torch.empty(num_rows, dtype=torch.long, device=device)

@@ -239,7 +239,9 @@ class EngineLoop:
         deltas = [d for rid in ids if (d := self.engine.abort_request(rid, now)) is not None]
         for d in deltas:
             d.finish_reason = ERROR_FINISH
-        self._push(deltas=deltas, errors={rid: f"the instance failed a step: {self.last_error}" for rid in ids})
+        # The clients get the exception's type only: its message may name files or devices (the log has it).
+        reason = f"the instance failed a step ({type(exc).__name__}); the server log has the details"
+        self._push(deltas=deltas, errors={rid: reason for rid in ids})
 
     def _maybe_report(self) -> None:
         now = self.clock()

@@ -27,6 +27,7 @@ from shunter.server.frontend import Frontend, NoInstanceError, UnknownInstanceEr
 from shunter.server.metrics import CONTENT_TYPE
 from shunter.server.protocol import ChatCompletionRequest, CompletionRequest, Generation
 from shunter.server.security import AccessPolicy, GuardMiddleware
+from shunter.server.timeouts import BodyDeadline, ConnectionTimeouts
 
 DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request checks that its client is still there
 
@@ -44,6 +45,7 @@ class ServerState:
     served_model_names: list[str]
     max_model_len: int
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    timeouts: ConnectionTimeouts = field(default_factory=ConnectionTimeouts)
     max_live_requests: int = 1024
     closing: Callable[[], bool] = lambda: False  # the server is shutting down: no new work
 
@@ -55,6 +57,7 @@ def build_app(state: ServerState) -> FastAPI:
     count_error = lambda status: state.frontend.metrics.rejected.labels(str(status)).inc()  # noqa: E731
     install_handlers(app, on_error=count_error)
     app.add_middleware(GuardMiddleware, policy=state.access, on_refusal=count_error)
+    app.add_middleware(BodyDeadline, timeout=state.timeouts.request_body)
 
     @app.get("/health")
     async def health() -> Response:
@@ -78,7 +81,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.frontend.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra={"requestBody": protocol.openapi_body(CompletionRequest)})
     async def completions(request: Request) -> Response:
         req = protocol.parse(CompletionRequest, await _json(request, state.access.max_body_bytes))
         protocol.check_model(req.model, state.served_model_names)
@@ -92,7 +95,7 @@ def build_app(state: ServerState) -> FastAPI:
         gen = protocol.generation(req, req.max_tokens)
         return await _generate(request, state, gen, prompt_ids, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": protocol.openapi_body(ChatCompletionRequest)})
     async def chat_completions(request: Request) -> Response:
         req = protocol.parse(ChatCompletionRequest, await _json(request, state.access.max_body_bytes))
         protocol.check_model(req.model, state.served_model_names)
@@ -160,9 +163,16 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 async def _json(request: Request, max_bytes: int = 4 << 20) -> Any:
-    body = await request.body()
-    if len(body) > max_bytes:  # sent without a Content-Length (chunked): checked once read
-        raise OpenAIError(413, f"the request body has {len(body)} bytes; the limit is {max_bytes}")
+    # Read in chunks: a body sent without a Content-Length (chunked) is refused as soon as it passes the
+    # limit, not held in memory whole (the rest is not read: the connection is closed).
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise OpenAIError(413, f"the request body has more than {max_bytes} bytes, the limit",
+                              headers={"Connection": "close"})
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -77,6 +77,14 @@ def register(subparsers) -> None:
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--max-live-requests", type=int, default=1024,
                    help="requests in flight at most; beyond, new ones get 429 with Retry-After")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="close a connection idle this many seconds between requests or after opening (default 5)")
+    p.add_argument("--timeout-request-header", type=float, default=10.0,
+                   help="a request's headers must arrive within this many seconds of the connection opening or "
+                        "the previous response; else 408 and the connection is closed (default 10)")
+    p.add_argument("--timeout-request-body", type=float, default=30.0,
+                   help="a request's body must arrive within this many seconds of its headers; else 408 and the "
+                        "connection is closed (default 30)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM: stop taking requests, give those in flight this many seconds, then exit")
     p.add_argument("--null-step-time", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -131,11 +139,14 @@ def run(args) -> int:
     if args.runtime == "ray":
         start_ray(args.ray_address)
     from shunter.server.security import AccessPolicy
+    from shunter.server.timeouts import ConnectionTimeouts
 
+    timeouts = ConnectionTimeouts(keep_alive=args.timeout_keep_alive, request_header=args.timeout_request_header,
+                                  request_body=args.timeout_request_body)
     access = AccessPolicy(api_key=args.api_key or None, admin_key=args.admin_key or None,
                           admin_remote=args.admin_remote, max_body_bytes=args.max_request_bytes)
     settings = ServerSettings(host=args.host, port=args.port, num_instances=args.instances, pd=pd,
-                              access=access, max_live_requests=args.max_live_requests,
+                              access=access, timeouts=timeouts, max_live_requests=args.max_live_requests,
                               shutdown_timeout=args.shutdown_timeout, restart_failed=args.restart_failed,
                               migration_stage_timeout=args.migration_stage_timeout,
                               served_model_names=names, log_level=args.log_level, seed=args.seed,
@@ -170,7 +181,8 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name in ("report_interval", "control_interval", "shutdown_timeout", "migration_stage_timeout"):
+    for name in ("report_interval", "control_interval", "shutdown_timeout", "migration_stage_timeout",
+                 "timeout_keep_alive", "timeout_request_header", "timeout_request_body"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 

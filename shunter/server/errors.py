@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDenied", 404: "NotFoundError",
-          405: "MethodNotAllowed",
+          405: "MethodNotAllowed", 408: "RequestTimeout",
           409: "ConflictError", 413: "RequestTooLarge", 429: "RateLimitError", 503: "ServiceUnavailableError"}
 
 

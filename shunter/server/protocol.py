@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, WithJsonSchema
 
 from shunter.request import SamplingParams
 from shunter.server.errors import OpenAIError, bad_request
@@ -31,39 +31,61 @@ _DEFAULT_ONLY: dict[str, tuple] = {
 _IGNORED = ("user", "metadata", "store", "service_tier", "request_id")
 
 
+# What the OpenAPI schema says a field accepts, where that is narrower than its type. Only the schema:
+# the values are checked by `generation` & co., so that each refusal names the field in our words.
+_POSITIVE = WithJsonSchema({"type": "integer", "minimum": 1})
+_TEXT = WithJsonSchema({"type": "string", "minLength": 1})
+_TOKEN_IDS = WithJsonSchema({"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}})
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: StrictStr
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: StrictInt | None = None
+    temperature: Annotated[float, WithJsonSchema({"type": "number", "minimum": 0})] | None = None
+    top_p: Annotated[float, WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": 1})] | None = None
+    top_k: Annotated[StrictInt, WithJsonSchema({"type": "integer", "minimum": -1})] | None = None
     seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    stop: Annotated[StrictStr, _TEXT] | list[Annotated[StrictStr, _TEXT]] | None = None
+    stop_token_ids: list[Annotated[StrictInt, WithJsonSchema({"type": "integer", "minimum": 0})]] | None = None
     ignore_eos: StrictBool = False
-    n: StrictInt = 1
+    n: Annotated[StrictInt, WithJsonSchema({"type": "integer", "const": 1})] = 1
     stream: StrictBool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: Annotated[dict[str, Any], WithJsonSchema({
+        "type": "object", "additionalProperties": False, "description": "only with stream: true",
+        "properties": {"include_usage": {"type": "boolean"}, "continuous_usage_stats": {"type": "boolean"}}})] \
+        | None = None
     priority: StrictInt = 0
 
 
 class CompletionRequest(_Common):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = 16
+    # One prompt: text, token ids, or a list holding one of those.
+    prompt: Annotated[StrictStr, _TEXT] | Annotated[list[StrictInt], _TOKEN_IDS] \
+        | Annotated[list[StrictStr], WithJsonSchema({"type": "array", "minItems": 1, "maxItems": 1,
+                                                     "items": {"type": "string", "minLength": 1}})] \
+        | Annotated[list[list[StrictInt]], WithJsonSchema({"type": "array", "minItems": 1, "maxItems": 1,
+                                                           "items": _TOKEN_IDS.json_schema})]
+    max_tokens: Annotated[StrictInt, _POSITIVE] | None = 16
+
+
+def _message_extras(schema: dict) -> None:
+    schema["properties"]["name"] = {"description": "accepted and unused"}
+    schema["additionalProperties"] = False  # no other field: `chat_messages` refuses them
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_message_extras)
 
-    role: StrictStr
-    content: StrictStr | list[dict[str, Any]] | None = None
+    role: Annotated[StrictStr, WithJsonSchema({"enum": ["system", "user", "assistant", "developer"]})]
+    content: StrictStr | Annotated[list[dict[str, Any]], WithJsonSchema({"type": "array", "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}})] | None = None
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage]
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    messages: Annotated[list[ChatMessage], Field(json_schema_extra={"minItems": 1})]
+    max_tokens: Annotated[StrictInt, _POSITIVE] | None = None
+    max_completion_tokens: Annotated[StrictInt, _POSITIVE] | None = None
 
 
 @dataclass
@@ -117,6 +139,9 @@ def generation(req: _Common, max_tokens: int | None) -> Generation:
     unknown = set(opts) - {"include_usage", "continuous_usage_stats"}
     if unknown:
         raise bad_request(f"unknown stream option(s): {', '.join(sorted(unknown))}", param="stream_options")
+    for name, value in opts.items():
+        if not isinstance(value, bool):
+            raise bad_request(f"stream_options.{name} must be true or false, got {value!r}", param="stream_options")
     if opts and not req.stream:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
     for name in ("temperature", "top_p"):
@@ -181,6 +206,31 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
             raise bad_request(f"unsupported message role {m.role!r}", param=f"messages.{i}.role")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
     return out
+
+
+def openapi_body(cls: type[_Common]) -> dict:
+    """The OpenAPI `requestBody` that describes `cls` (the handlers read the raw JSON themselves, so that
+    every error is ours; this only documents the body, for clients and for the schema-driven fuzz test)."""
+    schema = cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+    # The extra fields `_check_extras` lets through, and no others.
+    for name, allowed in _DEFAULT_ONLY.items():
+        schema["properties"][name] = {"enum": list(allowed), "description": "accepted at its default only"}
+    for name in _IGNORED:
+        schema["properties"][name] = {"description": "accepted and unused"}
+    schema["additionalProperties"] = False
+
+    def inline(node: Any) -> Any:  # `#/$defs/...` would resolve against the OpenAPI document, not this schema
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"required": True, "content": {"application/json": {"schema": inline(schema)}}}
 
 
 def check_model(name: str, served: list[str]) -> None:

@@ -24,6 +24,7 @@ from shunter.runtime.spec import InstanceSpec
 from shunter.server.app import ServerState, build_app
 from shunter.server.frontend import Frontend, HandleFactory
 from shunter.server.security import AccessPolicy
+from shunter.server.timeouts import ConnectionTimeouts
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ServerSettings:
     control_interval: float = 0.05
     pd: tuple[int, int] | None = None  # prefill and decode instances (then num_instances is their sum)
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    timeouts: ConnectionTimeouts = field(default_factory=ConnectionTimeouts)  # slow and idle clients
     max_live_requests: int = 1024
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     restart_failed: bool = False  # start a replacement for each instance that dies
@@ -67,7 +69,7 @@ class Server:
                                  stage_timeout=settings.migration_stage_timeout)
         max_len = spec.max_model_len or max_model_len
         self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len,
-                                 settings.access, settings.max_live_requests)
+                                 settings.access, settings.timeouts, settings.max_live_requests)
         self.app = build_app(self.state)
         self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -82,7 +84,9 @@ class Server:
         """Start the instances, serve HTTP until told to stop, then stop the instances."""
         config = uvicorn.Config(self.app, host=self.settings.host, port=self.settings.port,
                                 log_level=self.settings.log_level, lifespan="off",
-                                timeout_graceful_shutdown=self.settings.shutdown_timeout)
+                                timeout_graceful_shutdown=self.settings.shutdown_timeout,
+                                http=self.settings.timeouts.protocol(),
+                                timeout_keep_alive=self.settings.timeouts.keep_alive)
         self._uvicorn = _Uvicorn(config)
         # On SIGTERM/SIGINT uvicorn stops listening and waits for in-flight requests; requests that still
         # arrive on open connections meanwhile get 503 (`ServerState.closing`).

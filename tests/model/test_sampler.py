@@ -100,3 +100,22 @@ def test_top_k_then_top_p():
     # top_k=3 renormalises to 4/9, 3/9, 2/9; top_p=0.6 then keeps the first two.
     seen = {sampler.sample(logits, [SamplingParams(top_k=3, top_p=0.6)], [0])[0] for _ in range(200)}
     assert seen == {0, 1}
+
+
+def test_temperatures_too_small_for_float32_are_greedy():
+    # Found by fuzzing the API: temperature 1e-300 is 0 in float32, and 1e-40 overflows logits / t; both
+    # used to pick token id == vocab size (no token at all).
+    logits = random_logits(4, seed=7)
+    expected = logits.argmax(-1).tolist()
+    for t in (1e-300, 1e-40, 1e-6):
+        assert Sampler(0).sample(logits, [SamplingParams(temperature=t)] * 4, [0] * 4) == expected
+    params = [SamplingParams(temperature=1e-40, top_p=0.5), SamplingParams(temperature=1.0)]
+    assert all(0 <= t < VOCAB for t in Sampler(0).sample(logits[:2], params, [0, 0]))
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_heaviest_token():
+    # Found by fuzzing the API: top_p 1e-300 is 0 in float32; the sampler raised an index error, which
+    # failed the whole step (every request on the instance).
+    logits = random_logits(4, seed=8)
+    tokens = Sampler(0).sample(logits, [SamplingParams(temperature=1.0, top_p=1e-300)] * 4, [0] * 4)
+    assert tokens == logits.argmax(-1).tolist()

@@ -32,6 +32,8 @@ CASES = [
     ("completions", {"model": MODEL, "prompt": [10**9]}, 400, ["token ids"], "prompt"),
     ("completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
      ["stream_options"], "stream_options"),
+    ("completions", {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"include_usage": []}}, 400,
+     ["include_usage", "true or false"], "stream_options"),  # found by the fuzz test: [] passed as false
     ("completions", {"prompt": "x"}, 400, ["model"], "model"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, ["messages"], "messages"),
     ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, ["messages"], "messages"),

@@ -75,7 +75,7 @@ def test_a_body_over_the_limit_is_413_and_nothing_runs(secured):
     resp = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x" * 5000})
     assert resp.status_code == 413 and "limit is 1000" in resp.json()["error"]["message"]
 
-    def chunks():  # no Content-Length: the limit is checked once the body is read
+    def chunks():  # no Content-Length: refused once the body read so far passes the limit
         yield b'{"model": "smol", "prompt": "'
         yield b"y" * 3000
         yield b'"}'
