@@ -181,6 +181,25 @@ def test_client_disconnect_while_waiting_for_a_whole_answer_aborts(start_server)
     assert used_blocks(server) == 0
 
 
+def test_client_disconnect_while_queued_on_its_instance_aborts_it_there(start_server):
+    server = start_server(instances=1, null_step_time=0.02, max_num_seqs=1)
+    handle = server.frontend.handles["0"]
+    waiting = lambda: handle.loop.call(lambda e, now: len(e.scheduler.waiting)).result(5)  # noqa: E731
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True}
+    with httpx.Client(timeout=10) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes its connection
+            assert next(lines).startswith("data: ")  # holds the only seat
+            with http.stream("POST", server.url + "/v1/completions", json=body):  # queued behind it
+                assert wait_until(lambda: waiting() == 1, 5)
+            # The queued one's client is gone: it leaves the queue, the running one goes on.
+            assert wait_until(lambda: waiting() == 0 and engine_requests(server) == 1, 5)
+            assert server.frontend.num_live_requests() == 1
+    assert wait_until(lambda: engine_requests(server) == 0, 5)
+    assert used_blocks(server) == 0
+    assert server.frontend.num_live_requests() == 0
+
+
 def test_priority_field_runs_high_priority_requests_first(start_server):
     import time
 
