@@ -52,4 +52,3 @@ class GatewayServer(ThreadedServer):
             await self._run_uvicorn(on_ready)
         finally:
             await self.gateway.shutdown()
-            self.started.set()  # never leave a waiter hanging

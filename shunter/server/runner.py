@@ -74,4 +74,3 @@ class Server(ThreadedServer):
             await self._run_uvicorn(on_ready)
         finally:
             await self.frontend.shutdown()
-            self.started.set()  # never leave a waiter hanging

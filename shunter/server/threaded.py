@@ -61,7 +61,8 @@ class ThreadedServer:
                 asyncio.run(self.serve())
             except BaseException as exc:  # reported to the starter
                 self.error = exc
-                self.started.set()
+            finally:
+                self.started.set()  # never leave the starter waiting (after `error` is set)
 
         self._thread = threading.Thread(target=run, name="shunter-server", daemon=True)
         self._thread.start()
