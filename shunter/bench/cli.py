@@ -13,6 +13,7 @@ BENCH_MODULES = [
     "shunter.bench.peer_bench",
     "shunter.bench.migration_bench",
     "shunter.bench.serve_bench",
+    "shunter.bench.gateway_bench",
 ]
 
 

@@ -20,7 +20,7 @@ import re
 import time
 
 import aiohttp
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from shunter.gateway.gateway import Gateway, NoBackendError
 from shunter.gateway.remote import Call, RemoteBackend
@@ -65,8 +65,8 @@ async def _attempt(gateway: Gateway, http, backend: RemoteBackend, path: str, mo
         status, content_type, data = await _answer(gateway, http, backend, call, path, body, stream)
         if data is None:  # a stream, open: its relay owns the call from here
             handed_over = True
-            return StreamingResponse(_relay(gateway, backend, call, model), status_code=status,
-                                     media_type=content_type or "text/event-stream")
+            return RelayResponse(_relay(gateway, backend, call, model), status,
+                                 content_type or "text/event-stream")
         if status >= 500:
             gateway.metrics.backend_errors.labels(backend.instance_id, "status_5xx").inc()
             raise OpenAIError(502, f"backend {backend.instance_id} ({backend.url}) answered {status}: "
@@ -174,6 +174,49 @@ async def _relay(gateway: Gateway, backend: RemoteBackend, call: Call, model: st
                                time.monotonic() - arrival,
                                reasons[-1].decode() if reasons else "abort" if not finished else "unknown", model)
         metrics.generation_tokens.labels(model, engine).inc(usage.get("completion_tokens", max(0, num_events - 1)))
+
+
+class RelayResponse(Response):
+    """A stream relayed chunk by chunk, written straight to the ASGI `send`.
+
+    Not Starlette's StreamingResponse: that one runs a task group per response
+    to watch for a disconnect, which costs a proxy more than the relaying
+    itself. Here the client is checked between chunks every
+    `DISCONNECT_CHECK_S`; once it is gone the relay stops (closing the backend
+    connection, which aborts the request there).
+    """
+
+    def __init__(self, chunks, status: int, media_type: str) -> None:
+        # Not Response.__init__: it would declare the empty body's length.
+        self.chunks = chunks
+        self.status_code = status
+        self.media_type = media_type
+        self.background = None
+        self.raw_headers = [(b"content-type", media_type.encode("latin-1"))]
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        next_check = time.monotonic() + DISCONNECT_CHECK_S
+        try:
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if time.monotonic() >= next_check:
+                    if await _is_disconnected(receive):
+                        return
+                    next_check = time.monotonic() + DISCONNECT_CHECK_S
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self.chunks.aclose()
+
+
+async def _is_disconnected(receive) -> bool:
+    """Whether the client has gone, without waiting: once the body is read, `receive` returns only on a disconnect."""
+    task = asyncio.ensure_future(receive())
+    await asyncio.sleep(0)  # the task's first step runs before this resumes
+    if task.done():
+        return task.result()["type"] == "http.disconnect"
+    task.cancel()
+    return False
 
 
 def _observe_whole(gateway: Gateway, backend: RemoteBackend, call: Call, model: str, data: bytes) -> None:

@@ -130,3 +130,18 @@ def test_metrics_have_serving_names_per_backend(null_backend, start_gateway):
         assert f'vllm:e2e_request_latency_seconds_count{{engine="{engine}",model_name="m"}} 2.0' in text
         assert f'vllm:num_requests_running{{engine="{engine}",model_name="m"}}' in text  # scraped
     assert 'shunter_instances{state="ready"} 2.0' in text
+
+
+def test_a_client_leaving_mid_stream_ends_the_backend_request(null_backend, start_gateway):
+    from shunter.server.runner import wait_until
+
+    a = null_backend(model="m", token_delay_s=0.1)
+    gw = start_gateway([a.url])
+    stream = client(gw).completions.create(model="m", prompt="p", max_tokens=50, stream=True)
+    next(iter(stream))
+    stream.close()
+    # Noticed between chunks (every 0.5 s at most): the backend connection is closed, the call ends.
+    assert wait_until(lambda: not gw.gateway.backends["0"].calls, 5)
+    metrics = urllib.request.urlopen(a.url + "/metrics", timeout=5).read().decode()
+    assert wait_until(lambda: 'vllm:num_requests_running{engine="0",model_name="m"} 0' in
+                      urllib.request.urlopen(a.url + "/metrics", timeout=5).read().decode(), 5), metrics
