@@ -85,7 +85,7 @@ def start_vllm(setup: dict, port: int, core: int, log_path: Path, kv_gib: int = 
                VLLM_CPU_OMP_THREADS_BIND=str(core))
     cmd = [setup["python"], setup["cli"], "serve", setup["model"], "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "bfloat16" if cpu_has_native_bf16() else "float32", "--served-model-name", MODEL_NAME,
-           "--enable-prefix-caching", "--max-model-len", "2048", "--block-size", "16"]
+           "--enable-prefix-caching", "--max-model-len", "2048", "--block-size", "32"]
     with open(log_path, "w") as log:
         proc, _ = processes.start_until_healthy(cmd, port, 900, env, log, name=f"vllm serve on port {port}")
     return proc
