@@ -26,8 +26,6 @@ from shunter.bench import processes
 from shunter.errors import CLIError
 from shunter.sim.cli import HelpFormatter
 
-TARGET_ADDED_P50_MS = 1.0
-TARGET_REQUESTS_PER_S = 1000.0
 NULL_MODEL = "null-model"
 
 
@@ -149,18 +147,9 @@ def _figures(latency, bursts) -> dict:
 
 
 def _print_null(result: dict) -> None:
+    from shunter.bench.frontend_bench import print_overhead
+
     w = result["workload"]
-    g, d = result["gateway"], result["direct"]
     print(f"shunter bench gateway --null: 2 null backends (own processes), dispatch {w['dispatch']}, "
           f"{w['input_words']} words in / {w['output_tokens']} tokens out, streamed")
-    print(f"  one at a time, E2E (ms):   gateway P50 {g['latency_ms']['p50']:.3f}  P99 {g['latency_ms']['p99']:.3f}   "
-          f"direct P50 {d['latency_ms']['p50']:.3f}  P99 {d['latency_ms']['p99']:.3f}")
-    added = result["added_latency_p50_ms"]
-    print(f"  added latency P50: {added:.3f} ms (target < {TARGET_ADDED_P50_MS:g} ms: "
-          f"{'met' if added < TARGET_ADDED_P50_MS else 'NOT met'})")
-    rps = g["requests_per_s"]
-    print(f"  {w['concurrency']} streams at once: gateway {rps:,.0f} req/s   direct {d['requests_per_s']:,.0f} req/s   "
-          f"ratio {result['requests_per_s_ratio']:.2f} (target >= {TARGET_REQUESTS_PER_S:,.0f} req/s: "
-          f"{'met' if rps >= TARGET_REQUESTS_PER_S else 'NOT met'})")
-    if g["errors"] or d["errors"]:
-        print(f"  errors: gateway {g['errors']}, direct {d['errors']}")
+    print_overhead(result, "gateway", "gateway")

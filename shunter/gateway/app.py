@@ -23,7 +23,7 @@ from shunter.gateway.prompt import prompt_token_ids
 from shunter.gateway.proxy import forward
 from shunter.request import Request as ShunterRequest, SamplingParams
 from shunter.server.errors import OpenAIError, bad_request, install_handlers
-from shunter.server.metrics import CONTENT_TYPE
+from shunter.server.probes import install_probe_routes
 from shunter.server.security import AccessPolicy, GuardMiddleware
 
 DEFAULT_MAX_TOKENS = 16  # what dispatch assumes when the body gives none (OpenAI's completions default)
@@ -48,26 +48,13 @@ def build_app(state: GatewayState) -> FastAPI:
     app.add_middleware(GuardMiddleware, policy=state.access, on_refusal=count_error)
     request_ids = itertools.count(1)
 
-    @app.get("/health")
-    async def health() -> Response:
-        if state.closing():
-            raise OpenAIError(503, "the gateway is shutting down")
-        if not gateway.ready_backends:
-            raise OpenAIError(503, "no backend is healthy")
-        return Response(status_code=200)
-
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": shunter.__version__}
+    install_probe_routes(app, lambda: state.closing(),
+                         lambda: None if gateway.ready_backends else "no backend is healthy", gateway.metrics.render)
 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "shunter"}
                                            for name in gateway.models]}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
     async def generate(http: Request, path: str, is_chat: bool) -> Response:
         raw = await http.body()

@@ -14,7 +14,6 @@ the engine calls refuse.
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 from shunter.gateway.backends import BackendSpec
 from shunter.gateway.scrape import Scraped
@@ -60,7 +59,6 @@ class RemoteBackend(InstanceHandle):
         self.facts = {"url": spec.url, "models": list(models), "gpu": spec.gpu,
                       "metrics": "scraped" if has_metrics else "none: load is the gateway's own count",
                       "migration": NO_MIGRATION}
-        self._call_ids = itertools.count()
 
     # ---- the dispatch calls -----------------------------------------------------------------
     def validate(self, request: Request) -> None:
