@@ -182,16 +182,33 @@ def prefix_run(gateway_url: str, backend_urls: list[str], requests, concurrency:
     from shunter.bench.serve_metrics import summarize
 
     before = [prefix_counters(u) for u in backend_urls]
+    sent_before = dispatches(gateway_url)
     load = asyncio.run(run_load(LoadConfig(gateway_url, requests, model=MODEL_NAME, max_concurrency=concurrency,
                                            timeout_s=1200)))
     after = [prefix_counters(u) for u in backend_urls]
+    sent = {engine: n - sent_before.get(engine, 0.0) for engine, n in dispatches(gateway_url).items()}
     hits = sum(a[0] - b[0] for a, b in zip(after, before))
     queries = sum(a[1] - b[1] for a, b in zip(after, before))
     summary = summarize(load.records, load.duration_s)
     return {"num_completed": summary["num_completed"], "num_errors": summary["num_errors"],
             "duration_s": load.duration_s, "mean_ttft_ms": summary["ttft_ms"]["mean"],
             "p50_ttft_ms": summary["ttft_ms"]["p50"], "prefix_hit_tokens": hits, "prefix_query_tokens": queries,
-            "prefix_hit_rate": hits / queries if queries else None}
+            "prefix_hit_rate": hits / queries if queries else None,
+            "dispatches": [sent.get(str(i), 0.0) for i in range(len(backend_urls))]}
+
+
+def dispatches(gateway_url: str) -> dict[str, float]:
+    """Requests the gateway has sent each backend ({engine id: count}), from its /metrics."""
+    from shunter.gateway.scrape import labels_of
+
+    with urllib.request.urlopen(gateway_url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("shunter_dispatches_total{"):
+            labels, value = line[len("shunter_dispatches_total{"):].split("} ")
+            out[labels_of(labels)["engine"]] = float(value)
+    return out
 
 
 def _print(result: dict) -> None:
@@ -209,7 +226,8 @@ def _print(result: dict) -> None:
         print(f"    {policy:12} prefix-cache hit rate {rate * 100 if rate is not None else float('nan'):5.1f} % "
               f"({r['prefix_hit_tokens']:.0f} / {r['prefix_query_tokens']:.0f} tokens)   TTFT mean "
               f"{r['mean_ttft_ms']:.1f} ms  P50 {r['p50_ttft_ms']:.1f} ms   {r['num_completed']} done, "
-              f"{r['num_errors']} errors, {r['duration_s']:.1f} s")
+              f"{r['num_errors']} errors, {r['duration_s']:.1f} s, "
+              f"dispatched {' / '.join(f'{n:.0f}' for n in r['dispatches'])}")
     rr, px = result["prefix"]["round-robin"], result["prefix"]["prefix"]
     if rr["prefix_hit_rate"] is not None and px["prefix_hit_rate"] is not None:
         print(f"  prefix vs round robin: hit rate {'higher' if px['prefix_hit_rate'] > rr['prefix_hit_rate'] else 'NOT higher'}, "

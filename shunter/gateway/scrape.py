@@ -95,7 +95,7 @@ def parse_metrics(text: str) -> Scraped | None:
                            prefix_queries=_total(samples, names["queries"]))
             info = samples.get("vllm:cache_config_info")
             if info:
-                labels = _labels(info[0][0])
+                labels = labels_of(info[0][0])
                 scraped.update(num_total_blocks=_int(labels.get("num_gpu_blocks")),
                                block_size=_int(labels.get("block_size")))
         else:
@@ -143,7 +143,8 @@ def _total(samples: dict, names: Sequence[str]) -> float | None:
     return sum(values) if values else None
 
 
-def _labels(text: str) -> dict[str, str]:
+def labels_of(text: str) -> dict[str, str]:
+    """`a="1",b="2"` -> {"a": "1", "b": "2"}."""
     out = {}
     for part in text.split('",'):
         key, _, value = part.partition("=")
