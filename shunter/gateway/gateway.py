@@ -89,7 +89,7 @@ class Gateway:
             await self.session.close()
             hint = "" if self.allow_missing else " (--allow-missing-backends starts without them)"
             raise BackendProbeError("; ".join(problems) + hint)
-        self.warnings = [f"left out: {p}" for p in problems]
+        self.warnings = [f"left out: {p}" for p in problems] + self.warnings  # then the probes' own
         for spec, result in zip(self.specs, results):
             if isinstance(result, BaseException):
                 continue

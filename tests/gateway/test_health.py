@@ -124,3 +124,12 @@ def test_draining_a_backend_stops_dispatch_and_waits_for_its_requests(null_backe
     assert wait_until(lambda: state(gw, "0") == "stopped", 5)
     registry = gw.gateway.metrics.registry
     assert registry.get_sample_value("shunter_dispatches_total", {"policy": "round-robin", "engine": "1"}) == 2
+
+
+def test_a_backend_without_metrics_is_dispatched_on_what_the_gateway_sent_it(null_backend, start_gateway):
+    a = null_backend(model="m", metrics=False)
+    gw = start_gateway([a.url])
+    assert gw.gateway.warnings == [f"backend {a.url} has no /metrics: its load is what the gateway sent it"]
+    assert client(gw).completions.create(model="m", prompt="p", max_tokens=2).usage.completion_tokens == 2
+    backend = gw.gateway.backends["0"]
+    assert not backend.has_metrics and backend.scraped is None and state(gw, "0") == "ready"
