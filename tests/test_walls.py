@@ -10,9 +10,12 @@ from tests.imports import PACKAGE_DIR, imported_modules, names_module, package_f
 WALLS = {
     # package: modules it must never import
     "engine": ["shunter.cluster", "shunter.sim", "shunter.experiment", "shunter.bench", "shunter.server",
-               "shunter.runtime"],
-    "cluster": ["shunter.sim", "shunter.experiment", "shunter.bench", "shunter.server", "shunter.runtime", "ray"],
-    "sim": ["shunter.server", "shunter.runtime", "ray", "fastapi", "uvicorn"],
+               "shunter.runtime", "shunter.gateway"],
+    "cluster": ["shunter.sim", "shunter.experiment", "shunter.bench", "shunter.server", "shunter.runtime", "ray",
+                "shunter.gateway"],
+    "sim": ["shunter.server", "shunter.runtime", "ray", "fastapi", "uvicorn", "shunter.gateway"],
+    # The gateway needs no model: it proxies to servers that have one.
+    "gateway": ["torch", "transformers", "shunter.model", "shunter.server.app", "shunter.server.runner", "ray"],
 }
 # Scheduling code takes `now` from its caller and touches nothing outside: no clock, no I/O, no asyncio.
 CLOCK_AND_IO = ["time", "datetime", "asyncio", "socket", "threading", "subprocess", "os", "io", "pathlib"]

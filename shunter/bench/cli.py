@@ -14,6 +14,7 @@ BENCH_MODULES = [
     "shunter.bench.migration_bench",
     "shunter.bench.serve_bench",
     "shunter.bench.soak_bench",
+    "shunter.bench.gateway_bench",
 ]
 
 

@@ -171,17 +171,23 @@ async def _direct_runs(args) -> dict:
 
 def _print(result: dict) -> None:
     w = result["workload"]
-    h, d = result["http"], result["direct"]
     print(f"shunter bench frontend: null-engine instances ({w['instances']}, {w['runtime']}), "
           f"{w['input_words']} words in / {w['output_tokens']} tokens out, streamed")
-    print(f"  one at a time, E2E (ms):   HTTP P50 {h['latency_ms']['p50']:.3f}  P99 {h['latency_ms']['p99']:.3f}   "
+    print_overhead(result, "http", "HTTP")
+
+
+def print_overhead(result: dict, side: str, label: str) -> None:
+    """The latency and throughput lines of an overhead result: `result[side]` beside `result["direct"]`."""
+    h, d = result[side], result["direct"]
+    print(f"  one at a time, E2E (ms):   {label} P50 {h['latency_ms']['p50']:.3f}  P99 {h['latency_ms']['p99']:.3f}   "
           f"direct P50 {d['latency_ms']['p50']:.3f}  P99 {d['latency_ms']['p99']:.3f}")
     added = result["added_latency_p50_ms"]
     print(f"  added latency P50: {added:.3f} ms (target < {TARGET_ADDED_P50_MS:g} ms: "
           f"{'met' if added < TARGET_ADDED_P50_MS else 'NOT met'})")
     rps = h["requests_per_s"]
-    print(f"  {w['concurrency']} streams at once: HTTP {rps:,.0f} req/s   direct {d['requests_per_s']:,.0f} req/s   "
+    print(f"  {result['workload']['concurrency']} streams at once: {label} {rps:,.0f} req/s   "
+          f"direct {d['requests_per_s']:,.0f} req/s   "
           f"ratio {result['requests_per_s_ratio']:.2f} (target >= {TARGET_REQUESTS_PER_S:,.0f} req/s: "
           f"{'met' if rps >= TARGET_REQUESTS_PER_S else 'NOT met'})")
-    if h["errors"]:
-        print(f"  errors: {h['errors']}")
+    if h["errors"] or d.get("errors"):
+        print(f"  errors: {label} {h['errors']}, direct {d.get('errors', 0)}")

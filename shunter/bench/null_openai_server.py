@@ -6,7 +6,9 @@
 `POST /v1/completions` and `/v1/chat/completions` answer `max_tokens` words
 (default 16), streamed one word per chunk (with a final usage chunk when
 `stream_options.include_usage`) or in one body; `GET /v1/models` lists one
-model. Usage counts the prompt's whitespace-separated words as its tokens.
+model; `GET /health` answers 200 and `GET /metrics` exposes vLLM's load metrics
+(requests running, KV usage, prefix-cache counters, cache config) for a gateway
+to scrape. Usage counts the prompt's whitespace-separated words as its tokens.
 Options fail requests with OpenAI-style error bodies, slow every token, or
 never answer. Run it by hand with `python -m shunter.bench.null_openai_server`.
 FastAPI and uvicorn are imported only when an app is built.
@@ -39,27 +41,62 @@ class NullServerConfig:
         other status is an OpenAI-style error body with that status.
     token_delay_s: sleep before each generated word (0: instant).
     hang: accept generation requests and never answer them (until the client leaves).
+    metrics: serve `/metrics` (vLLM's names); False answers it 404, as a server without metrics would.
     """
 
     model: str = "null-model"
     statuses: tuple[int, ...] = (200,)
     token_delay_s: float = 0.0
     hang: bool = False
+    metrics: bool = True
+
+
+NUM_BLOCKS = 1000  # the KV capacity the null server's metrics claim, in 16-token blocks
 
 
 def build_app(config: NullServerConfig = NullServerConfig()):
     """The FastAPI app serving `config`."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     app = FastAPI(title="shunter null OpenAI server")
     counter = itertools.count()  # one event loop serves the app: next() needs no lock
+    load = {"running": 0, "prompt_tokens": 0}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.model, "object": "model", "owned_by": "shunter"}]}
 
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("")
+
+    @app.get("/metrics")
+    async def metrics():
+        if not config.metrics:
+            return PlainTextResponse("not found", status_code=404)
+        return PlainTextResponse(_metrics_text(config.model, load["running"], load["prompt_tokens"]))
+
     async def generate(request: Request, is_chat: bool):
+        load["running"] += 1
+        response = None
+        try:
+            response = await _generate(request, is_chat)
+            return response
+        finally:
+            if isinstance(response, StreamingResponse):
+                response.body_iterator = _counted(response.body_iterator)  # running until its last chunk
+            else:
+                load["running"] -= 1
+
+    async def _counted(events):
+        try:
+            async for event in events:
+                yield event
+        finally:
+            load["running"] -= 1
+
+    async def _generate(request: Request, is_chat: bool):
         status = config.statuses[next(counter) % len(config.statuses)]
         if config.hang:
             while not await request.is_disconnected():
@@ -74,6 +111,7 @@ def build_app(config: NullServerConfig = NullServerConfig()):
             return _error_response(400, "the request body is not JSON")
         if status != 200:
             return _error_response(status, f"null server: request failed on purpose (status {status})")
+        load["prompt_tokens"] += params[0]
         answer = _Answer(config, is_chat, *params)
         if body.get("stream"):
             return StreamingResponse(answer.events(), media_type="text/event-stream")
@@ -88,6 +126,18 @@ def build_app(config: NullServerConfig = NullServerConfig()):
         return await generate(request, is_chat=True)
 
     return app
+
+
+def _metrics_text(model: str, num_running: int, num_prompt_tokens: int) -> str:
+    """vLLM's load metrics in Prometheus text: what a gateway scrapes (a streamed request counts as
+    running until its last chunk is written)."""
+    labels = f'engine="0",model_name="{model}"'
+    return (f"vllm:num_requests_running{{{labels}}} {num_running}\n"
+            f"vllm:num_requests_waiting{{{labels}}} 0\n"
+            f"vllm:kv_cache_usage_perc{{{labels}}} {min(1.0, num_running / NUM_BLOCKS)}\n"
+            f"vllm:prefix_cache_queries_total{{{labels}}} {num_prompt_tokens}\n"
+            f"vllm:prefix_cache_hits_total{{{labels}}} 0\n"
+            f'vllm:cache_config_info{{block_size="16",engine="0",num_gpu_blocks="{NUM_BLOCKS}"}} 1.0\n')
 
 
 class _RequestError(Exception):

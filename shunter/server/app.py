@@ -24,7 +24,7 @@ from shunter.server import protocol
 from shunter.server.errors import OpenAIError, bad_request, install_handlers
 from shunter.cluster.migration import MigrationRefused
 from shunter.server.frontend import Frontend, NoInstanceError, UnknownInstanceError, UnknownRequestError
-from shunter.server.metrics import CONTENT_TYPE
+from shunter.server.probes import install_probe_routes
 from shunter.server.protocol import ChatCompletionRequest, CompletionRequest, Generation
 from shunter.server.security import AccessPolicy, GuardMiddleware
 from shunter.server.timeouts import BodyDeadline, ConnectionTimeouts
@@ -59,27 +59,15 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(GuardMiddleware, policy=state.access, on_refusal=count_error)
     app.add_middleware(BodyDeadline, timeout=state.timeouts.request_body)
 
-    @app.get("/health")
-    async def health() -> Response:
-        if state.closing():
-            raise OpenAIError(503, "the server is shutting down")
-        if not state.frontend.ready_instances:
-            raise OpenAIError(503, "no instance is ready")
-        return Response(status_code=200)
-
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": shunter.__version__}
+    install_probe_routes(app, lambda: state.closing(),
+                         lambda: None if state.frontend.ready_instances else "no instance is ready",
+                         state.frontend.metrics.render)
 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "shunter", "root": state.served_model_names[0],
              "max_model_len": state.max_model_len} for name in state.served_model_names]}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(state.frontend.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions", openapi_extra={"requestBody": protocol.openapi_body(CompletionRequest)})
     async def completions(request: Request) -> Response:

@@ -3,6 +3,8 @@
     shunter serve                                  # built-in SmolLM2, 2 instances, http://127.0.0.1:8000
     shunter serve --model /path/to/hf-dir --instances 4 --policy llumnix --port 8080
     shunter serve --ray-address auto               # join a running Ray cluster (instances on other machines)
+    shunter serve --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002 --dispatch prefix
+                                                   # gateway in front of running vLLM / SGLang servers
 
 Flags that `vllm serve` also has mean the same here.
 """
@@ -17,6 +19,7 @@ import sys
 import time
 
 from shunter.errors import CLIError
+from shunter.gateway import cli as gateway_cli
 
 
 def register(subparsers) -> None:
@@ -93,6 +96,7 @@ def register(subparsers) -> None:
                         "(measures the frontend and the token path on their own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    gateway_cli.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -103,6 +107,10 @@ def run(args) -> int:
     from shunter.runtime.spec import InstanceSpec
 
     _check_args(args)
+    if gateway_cli.is_gateway(args):
+        return gateway_cli.run(args)
+    if args.allow_missing_backends:
+        raise CLIError("--allow-missing-backends needs --backend or --backends")
     if args.policy not in BUNDLES.names():
         raise CLIError(f"unknown policy bundle {args.policy!r}: use one of {', '.join(BUNDLES.names())}")
     if args.dispatch is not None and args.dispatch not in DISPATCH.names():

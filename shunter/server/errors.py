@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDenied", 404: "NotFoundError",
           405: "MethodNotAllowed", 408: "RequestTimeout",
-          409: "ConflictError", 413: "RequestTooLarge", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+          409: "ConflictError", 413: "RequestTooLarge", 429: "RateLimitError", 502: "BadGatewayError",
+          503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
 
 
 class OpenAIError(Exception):

@@ -66,23 +66,26 @@ class ServerMetrics:
         self.restarts = Counter("shunter_instance_restarts", "Instances started in place of dead ones "
                                 "(--restart-failed).", registry=r)
 
-    def observe_report(self, report: LoadReport) -> None:
-        labels = (self.model_name, report.instance_id)
+    def observe_report(self, report: LoadReport, model: str | None = None) -> None:
+        """The instance's gauges from its report; `model` labels them when it is not the server's model (gateway)."""
+        labels = (model or self.model_name, report.instance_id)
         self.running.labels(*labels).set(report.num_running)
         self.waiting.labels(*labels).set(report.num_waiting)
         self.kv_usage.labels(*labels).set(report.block_usage)
 
-    def observe_tokens(self, instance_id: str, num_tokens: int, gap: float | None, ttft: float | None) -> None:
+    def observe_tokens(self, instance_id: str, num_tokens: int, gap: float | None, ttft: float | None,
+                       model: str | None = None) -> None:
         """`num_tokens` new tokens; `ttft` if they are the first, else `gap` since the previous ones."""
-        labels = (self.model_name, instance_id)
+        labels = (model or self.model_name, instance_id)
         self.generation_tokens.labels(*labels).inc(num_tokens)
         if ttft is not None:
             self.ttft.labels(*labels).observe(ttft)
         elif gap is not None:
             self.itl.labels(*labels).observe(gap)
 
-    def observe_finish(self, instance_id: str, num_prompt_tokens: int, e2e: float, reason: str) -> None:
-        labels = (self.model_name, instance_id)
+    def observe_finish(self, instance_id: str, num_prompt_tokens: int, e2e: float, reason: str,
+                       model: str | None = None) -> None:
+        labels = (model or self.model_name, instance_id)
         self.prompt_tokens.labels(*labels).inc(num_prompt_tokens)
         self.e2e.labels(*labels).observe(e2e)
         self.success.labels(*labels, reason).inc()
@@ -96,10 +99,10 @@ class ServerMetrics:
         for state, n in counts.items():
             self.instances.labels(state).set(n)
 
-    def forget_instance(self, instance_id: str) -> None:
+    def forget_instance(self, instance_id: str, model: str | None = None) -> None:
         for gauge in (self.running, self.waiting, self.kv_usage):
             try:
-                gauge.remove(self.model_name, instance_id)
+                gauge.remove(model or self.model_name, instance_id)
             except KeyError:
                 pass
 

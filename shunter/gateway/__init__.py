@@ -1,0 +1,1 @@
+"""Gateway mode: Shunter's global scheduler in front of remote OpenAI servers (vLLM, SGLang)."""
