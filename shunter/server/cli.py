@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     p.add_argument("--migration-stage-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a live migration whose stage (a KV copy or an instance call) takes longer is aborted: "
                         "the request goes on where it was (default 10)")
+    p.add_argument("--instance-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="an instance that sends nothing (no step, no load report) for this long counts as failed: "
+                        "it is stopped and its requests resume elsewhere (default 60; above the longest step)")
     p.add_argument("--restart-failed", action="store_true",
                    help="start a new instance in place of each one that dies (its requests resume elsewhere "
                         "either way: re-prefilled on a healthy instance, the stream going on)")
@@ -157,6 +160,7 @@ def run(args) -> int:
                               access=access, timeouts=timeouts, max_live_requests=args.max_live_requests,
                               shutdown_timeout=args.shutdown_timeout, restart_failed=args.restart_failed,
                               migration_stage_timeout=args.migration_stage_timeout,
+                              instance_timeout=args.instance_timeout,
                               served_model_names=names, log_level=args.log_level, seed=args.seed,
                               control_interval=args.control_interval)
     server = Server(settings, spec, policy, tokenizer, model_len,
@@ -189,7 +193,7 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name in ("report_interval", "control_interval", "shutdown_timeout", "migration_stage_timeout",
+    for name in ("report_interval", "control_interval", "shutdown_timeout", "migration_stage_timeout", "instance_timeout",
                  "timeout_keep_alive", "timeout_request_header", "timeout_request_body"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

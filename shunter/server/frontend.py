@@ -43,6 +43,10 @@ class NoInstanceError(RuntimeError):
     """No instance can take a request now (none ready, or all draining)."""
 
 
+class InstanceUnresponsive(RuntimeError):
+    """An instance that has sent nothing (no step, no report) for longer than the health timeout."""
+
+
 class UnknownInstanceError(KeyError):
     pass
 
@@ -57,7 +61,7 @@ class Frontend:
     def __init__(self, make_handle: HandleFactory, spec: InstanceSpec, policy: PolicyConfig, model_name: str,
                  eos_token_id: int | None, seed: int = 0, control_interval: float = 0.05,
                  migration: MigrationConfig | None = None, pd: tuple[int, int] | None = None,
-                 restart_failed: bool = False, stage_timeout: float = 10.0) -> None:
+                 restart_failed: bool = False, stage_timeout: float = 10.0, instance_timeout: float = 60.0) -> None:
         self.make_handle = make_handle
         self.spec = spec
         self.policy = policy
@@ -77,6 +81,7 @@ class Frontend:
         self.control_interval = control_interval
         self.restart_failed = restart_failed  # start a replacement for every instance that dies
         self.stage_timeout = stage_timeout  # a migration stage (copy or instance call) slower than this aborts
+        self.instance_timeout = instance_timeout  # an instance silent this long (seconds) has failed
         self.coordinator = MigrationCoordinator(migration or MigrationConfig(), spec.block_size)
         self.migrations: MigrationDriver | None = None  # started with the event loop (`start`)
         self._migrating: set[str] = set()  # requests ordered to migrate whose outcome is not settled here yet
@@ -251,11 +256,27 @@ class Frontend:
 
     # ---- the token path --------------------------------------------------------------------------
     async def _pump(self, handle: InstanceHandle) -> None:
-        """Take the instance's step messages until it stops; on failure end its requests with an error."""
+        """Take the instance's step messages until it stops; if it dies or goes silent, it has failed."""
         seq = 0
+        last_heard = time.monotonic()
         try:
             while handle.state in (InstanceState.READY, InstanceState.DRAINING):
-                messages = await handle.poll(seq, POLL_TIMEOUT)
+                # Health check: an instance pushes a report every report interval, busy or idle, so one
+                # silent for `instance_timeout` (its process hung, or its loop stuck in a step) has failed.
+                try:
+                    messages = await asyncio.wait_for(handle.poll(seq, POLL_TIMEOUT),
+                                                      POLL_TIMEOUT + self.instance_timeout)
+                except asyncio.TimeoutError:
+                    messages = []
+                now = time.monotonic()
+                if messages:
+                    last_heard = now
+                elif now - last_heard > self.instance_timeout:
+                    self._instance_failed(handle, InstanceUnresponsive(
+                        f"instance {handle.instance_id} sent nothing for {now - last_heard:.1f} s "
+                        f"(--instance-timeout {self.instance_timeout:g})"))
+                    asyncio.create_task(handle.shutdown())  # a hung process must not run on unseen
+                    return
                 for message in messages:
                     seq = message.seq
                     if message.report is not None:

@@ -39,6 +39,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     restart_failed: bool = False  # start a replacement for each instance that dies
     migration_stage_timeout: float = 10.0  # seconds a migration stage may take before it aborts
+    instance_timeout: float = 60.0  # seconds an instance may send nothing before it counts as failed
 
 
 def local_handles(instance_id: str, spec: InstanceSpec) -> InstanceHandle:
@@ -60,7 +61,8 @@ class Server(ThreadedServer):
         self.frontend = Frontend(make_handle, spec, policy, settings.served_model_names[0], tokenizer.eos_token_id,
                                  seed=settings.seed, control_interval=settings.control_interval, pd=settings.pd,
                                  restart_failed=settings.restart_failed,
-                                 stage_timeout=settings.migration_stage_timeout)
+                                 stage_timeout=settings.migration_stage_timeout,
+                                 instance_timeout=settings.instance_timeout)
         max_len = spec.max_model_len or max_model_len
         self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len,
                                  settings.access, settings.timeouts, settings.max_live_requests)

@@ -86,7 +86,8 @@ def start_fake_server(tokenizer):
 
     def start(instances: int = 2, step_time: float = 0.01, num_blocks=64, policy: str = "rr",
               migration: str | None = None, max_num_seqs: int = 16, pd: tuple[int, int] | None = None,
-              scaling=None, restart_failed: bool = False, stage_timeout: float = 10.0) -> Server:
+              scaling=None, restart_failed: bool = False, stage_timeout: float = 10.0,
+              instance_timeout: float = 60.0) -> Server:
         blocks = num_blocks if isinstance(num_blocks, list) else [num_blocks] * instances
 
         def make_handle(instance_id: str, spec: InstanceSpec) -> LocalInstance:
@@ -99,7 +100,7 @@ def start_fake_server(tokenizer):
         spec = InstanceSpec(executor="null", block_size=4, report_interval=0.02)
         settings = ServerSettings(port=0, num_instances=instances, served_model_names=(MODEL,),
                                   control_interval=0.02, pd=pd, restart_failed=restart_failed,
-                                  migration_stage_timeout=stage_timeout)
+                                  migration_stage_timeout=stage_timeout, instance_timeout=instance_timeout)
         server = Server(settings, spec, build_policy(policy, migration=migration, scaling=scaling), tokenizer, 512,
                         make_handle)
         servers.append(server.start_in_thread(timeout=60))

@@ -28,7 +28,7 @@ def kill(server, instance_id: str) -> None:
 def assert_clean(server) -> None:
     """No request left in the frontend, and no block or request left on any live instance."""
     assert wait_until(lambda: server.frontend.num_live_requests() == 0, 5)
-    alive = [h for h in live_handles(server) if h.loop.is_alive]
+    alive = [h for h in live_handles(server) if h.loop.is_alive and h.state.value in ("ready", "draining")]
 
     def leftovers():
         return [(h.instance_id, h.loop.call(lambda e, now: (len(e.scheduler.requests), len(e.scheduler.incoming),
@@ -195,4 +195,32 @@ def test_a_stage_that_times_out_aborts_and_the_request_goes_on_at_the_source(sta
     assert text == reference
     # The late copy still lands in the reserved blocks; only then is the reservation freed.
     assert wait_until(lambda: writes_done, 5)
+    assert_clean(server)
+
+
+def test_an_instance_that_hangs_is_found_by_the_health_check_and_its_requests_resume(start_fake_server):
+    server = start_fake_server(instances=2, policy="rr", step_time=0.01, instance_timeout=1.0)
+    reference, _ = complete(server, max_tokens=60)  # instance 0
+    complete(server, max_tokens=1)
+    stuck, release = server.frontend.handles["0"].loop.engine.executor, threading.Event()
+    execute = stuck.execute
+
+    def hang_after_some_tokens(batch, steps=[0]):  # noqa: B006 (a counter across calls)
+        steps[0] += 1
+        if steps[0] > 8:
+            release.wait(30)  # a step that never returns (a hung kernel), until the test lets go
+        return execute(batch)
+
+    stuck.execute = hang_after_some_tokens
+    try:
+        started = time.monotonic()
+        text = stream_text(client(server).completions.create(model=MODEL, prompt=PROMPT, max_tokens=60,
+                                                             temperature=0, stream=True))[0]
+        assert text == reference
+        assert time.monotonic() - started < 10  # found within the timeout, not after the hang
+        handle = server.frontend.handles["0"]
+        assert handle.state.value in ("failed", "stopped") and "sent nothing" in handle.error
+        assert metric(server, "shunter_request_resumes_total") == 1
+    finally:
+        release.set()
     assert_clean(server)
