@@ -46,6 +46,9 @@ CONCURRENT_CALLS = frozenset({
     "reserve_migration", "reserved_block_ids", "cancel_migration", "import_request", "migration_candidates",
 })
 
+# Concurrent calls after which a request may be ready to run here (an import, a migration given back).
+WAKING_CALLS = frozenset({"import_request", "end_migration"})
+
 
 @dataclass(slots=True)
 class StepMessage:
@@ -150,6 +153,10 @@ class EngineLoop:
                 future.set_result(getattr(self.engine, name)(*args))
             except BaseException as exc:
                 future.set_exception(exc)
+        if name in WAKING_CALLS:
+            # It may have given an idle loop work (a request to run): wake it now rather than at its next
+            # report (up to a report interval of a migrated request's downtime).
+            self._inbox.put((lambda engine, now: None, Future()))
         return future
 
     # ---- outbox (the frontend's side) -----------------------------------------------------

@@ -214,3 +214,21 @@ def test_stream_with_a_gap_that_never_fills_ends_with_an_error(monkeypatch):
         assert events[-1].finish_reason == "error" and "lost tokens" in events[-1].error
 
     asyncio.run(run())
+
+
+def test_an_import_into_an_idle_instance_runs_at_once_not_at_its_next_report():
+    from shunter.engine.scheduler import RequestState
+
+    engine = make_engine(step_time=0.0)
+    loop = EngineLoop(engine, report_interval=5.0)  # an idle loop would sleep 5 s before looking again
+    loop.start()
+    try:
+        time.sleep(0.2)  # idle: waiting for a command or its next report
+        request = make_request(prompt_len=10, max_tokens=4)
+        started = time.monotonic()
+        loop.engine_call("import_request", RequestState.of(request, [])).result(5)  # a concurrent call
+        deltas, _ = collect(loop, {request.request_id}, timeout=3)
+        assert time.monotonic() - started < 1.0
+        assert [t for d in deltas for t in d.new_token_ids] == reference_output(request.prompt_token_ids, 4)
+    finally:
+        loop.stop()
