@@ -33,6 +33,7 @@ class ClusterReplayResult:
     migrations: list = field(default_factory=list)  # shunter.cluster.migration.Migration, every outcome
     wall_seconds: float = 0.0
     dispatches: dict[str, int] = field(default_factory=dict)  # instance id -> requests dispatched there
+    steps: list = field(default_factory=list)  # the instances' steps (ProfileStep), when they recorded them
 
     @property
     def num_committed(self) -> int:

@@ -55,6 +55,10 @@ DEFAULT_PROFILE_ROUNDS = 2  # one round leaves a grid point's mean 2-4 % off on 
 MAX_CONTENTION = 0.05  # above this, the replay was slowed by other processes (see runqueue_wait_seconds)
 METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
 PACKAGED = "packaged"  # `--profile packaged`: the profile shipped with Shunter
+# KV blocks per instance in a cluster run: 3,072 tokens, three of the longest requests, so memory fills
+# under the default load and Llumnix-style policies (which move requests off instances short of free
+# blocks) have something to do.
+CLUSTER_NUM_BLOCKS = 192
 CONTROL_INTERVAL = 0.05  # seconds: `shunter serve`'s default control and report intervals
 # What a migration stage costs between two instances on one machine (Ray calls and a copy through
 # shared memory): a few calls of a few ms each on a busy 2-core host, and memory-copy bandwidth.
@@ -94,7 +98,7 @@ def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
 
 
 def simulate(workload: FidelityWorkload, latency, max_model_len: int, num_instances: int = 1,
-             policy: str | None = None, kv_bytes_per_block: int = 0):
+             policy: str | None = None, kv_bytes_per_block: int = 0, num_blocks: int | None = None):
     """The workload on simulated instances with the real engine's scheduler limits.
 
     One instance: no control loop (nothing to dispatch or migrate). Several: the
@@ -108,6 +112,8 @@ def simulate(workload: FidelityWorkload, latency, max_model_len: int, num_instan
     from shunter.sim.simulator import SimConfig, Simulator
 
     scheduler = engine_scheduler_config(max_model_len)
+    if num_blocks is not None:
+        scheduler = replace(scheduler, num_blocks=num_blocks)
     if num_instances == 1:
         config = SimConfig(num_instances=1, scheduler=scheduler, control_interval=None)
     else:
@@ -213,6 +219,9 @@ def register(bench_subparsers) -> None:
                    help="real instances: above 1, the workload runs on that many Ray-actor instances behind the "
                         "serving frontend (dispatch and live migration by --policy) and on as many simulated ones")
     p.add_argument("--policy", default="llumnix", help="policy bundle of both clusters (with --instances > 1)")
+    p.add_argument("--num-blocks", type=int, default=CLUSTER_NUM_BLOCKS,
+                   help="KV blocks per instance of both clusters (with --instances > 1): few enough that memory "
+                        "fills and the migration policy has work")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     p.error = one_line_error
@@ -231,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--wait-idle must be >= 0 seconds, got {args.wait_idle}")
     if args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
+    if args.num_blocks < 1:
+        raise ValueError(f"--num-blocks must be at least 1, got {args.num_blocks}")
     if args.instances > 1:
         from shunter.cluster.bundles import BUNDLES
 
@@ -386,13 +397,14 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
 
     kv_bytes = kv_bytes_per_block(real.engine.executor.model.config, real.engine.config.block_size,
                                   real.engine.executor.model.dtype)
-    config = real.engine.config
+    config = replace(real.engine.config, num_blocks=args.num_blocks)
     del real.engine  # the profiling engine's weights and KV cache: the instances load their own
     load_before = load_average()
     measured = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress))
     load_after = load_average()
     t0 = time.perf_counter()
-    sim_result = simulate(workload, latency, real.max_model_len, args.instances, args.policy, kv_bytes)
+    sim_result = simulate(workload, latency, real.max_model_len, args.instances, args.policy, kv_bytes,
+                          args.num_blocks)
     sim_wall = time.perf_counter() - t0
     real_figures = latency_figures(measured.records)
     sim_figures = latency_figures(sim_result.records)
@@ -417,7 +429,9 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
                     "cpu": profile.metadata.get("cpu"), "coefficients": latency.coefficients,
                     "fit_error": latency.fit_error},
         "requests": per_request(workload, measured.records, sim_result.records),
-        "diagnostics": {"replay_seconds": measured.wall_seconds, "sim_wall_seconds": sim_wall,
+        "diagnostics": {"replay_steps": step_model_error(latency, measured.steps) if measured.steps else None,
+                        "sim_steps": sum(sim_result.instance_num_steps.values()),
+                        "replay_seconds": measured.wall_seconds, "sim_wall_seconds": sim_wall,
                         "load_average": {"before": load_before, "after": load_after}},
     }
     print(format_cluster_report(report))
@@ -441,7 +455,7 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
                         num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
                         enable_prefix_caching=config.enable_prefix_caching, report_interval=CONTROL_INTERVAL,
-                        seed=args.seed)
+                        seed=args.seed, record_steps=True)
     frontend = Frontend(ray_handles, spec, build_policy(args.policy), "fidelity", eos_token_id=None,
                         seed=args.seed, control_interval=CONTROL_INTERVAL)
     bar = None
@@ -453,7 +467,11 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
             from tqdm import tqdm
 
             bar = tqdm(total=len(workload.real), unit="req", desc="replaying", leave=False)
-        return await replay_cluster(frontend, workload.real, on_finish=bar.update if bar else None)
+        warm = {h.instance_id: len(await h.recorded_steps()) for h in frontend.handles.values()}
+        result = await replay_cluster(frontend, workload.real, on_finish=bar.update if bar else None)
+        # The instances' own steps during the replay (after the warm-up's): what the latency model is checked on.
+        result.steps = [s for h in frontend.handles.values() for s in (await h.recorded_steps())[warm[h.instance_id]:]]
+        return result
     finally:
         if bar is not None:
             bar.close()
@@ -499,5 +517,10 @@ def format_cluster_report(report: dict) -> str:
     lines.append(f"requests per instance (where they finished): real {report['finished_on']['real']}, "
                  f"sim {report['finished_on']['sim']}")
     d = report["diagnostics"]
+    s = d["replay_steps"]
+    if s is not None:
+        lines.append(f"latency model on the real instances' {s['steps']} steps: mean |error| {s['mean_abs_error']:.1%}, "
+                     f"median {s['median_abs_error']:.1%}; busy time real {s['busy_seconds_real']:.1f} s, predicted "
+                     f"{s['busy_seconds_predicted']:.1f} s; simulator {d['sim_steps']} steps")
     lines.append(f"replay {d['replay_seconds']:.1f} s; load average {d['load_average']}")
     return "\n".join(lines)

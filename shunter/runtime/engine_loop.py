@@ -77,7 +77,8 @@ class EngineLoop:
     """
 
     def __init__(self, engine: InstanceEngine, report_interval: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic, on_push: Callable[[], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_push: Callable[[], None] | None = None,
+                 record_steps: bool = False) -> None:
         if report_interval <= 0:
             raise ValueError(f"report_interval must be positive, got {report_interval!r}")
         self.engine = engine
@@ -96,6 +97,9 @@ class EngineLoop:
         self.num_steps = 0
         self.last_error: str | None = None
         self.on_push = on_push
+        # With `record_steps`: every step's batch summary and wall time (`shunter.sim.profiled.ProfileStep`),
+        # so a benchmark can check a latency model against the steps of a serving run.
+        self.step_log: list | None = [] if record_steps else None
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -219,8 +223,9 @@ class EngineLoop:
     def _step(self) -> bool:
         """One step; False if there was nothing to run."""
         engine = self.engine
+        started = self.clock()
         try:
-            batch = engine.schedule(self.clock())
+            batch = engine.schedule(started)
             if batch.is_empty:
                 return False
             self._lock.release()  # the batch runs; concurrent calls may run meanwhile
@@ -233,6 +238,10 @@ class EngineLoop:
             self._fail_all(exc)
             return True
         self.num_steps += 1
+        if self.step_log is not None:
+            from shunter.sim.profiled import ProfileStep
+
+            self.step_log.append(ProfileStep.from_batch(batch, self.clock() - started))
         if deltas:
             self._push(deltas=deltas)
         return True

@@ -136,6 +136,10 @@ class InstanceHandle:
     async def shutdown(self) -> None:
         raise NotImplementedError
 
+    async def recorded_steps(self) -> list:
+        """Every step so far as a `ProfileStep` (batch summary, wall time), if the spec asked for `record_steps`."""
+        raise NotImplementedError
+
     # ---- blocking calls, for the migration driver's thread (never the event loop) ---------------
     # copy_safe: KV copies run beside the instances' steps, not between them. That is safe because
     # the coordinator only ever copies blocks nobody writes while the copy runs: full blocks of the
@@ -187,7 +191,8 @@ class LocalInstance(InstanceHandle):
         aio_loop = asyncio.get_running_loop()
         pushed = self._pushed = asyncio.Event()
         self.loop = EngineLoop(engine, self.spec.report_interval,
-                               on_push=lambda: aio_loop.call_soon_threadsafe(pushed.set))
+                               on_push=lambda: aio_loop.call_soon_threadsafe(pushed.set),
+                               record_steps=self.spec.record_steps)
         self.config = engine.config
         self.facts = {**facts, "pid": os.getpid()}
         self.loop.start()
@@ -215,6 +220,9 @@ class LocalInstance(InstanceHandle):
         if self.loop is not None:
             await asyncio.to_thread(self.loop.stop)
         self.state = InstanceState.STOPPED
+
+    async def recorded_steps(self) -> list:
+        return list(self.loop.step_log or [])
 
     def engine_call(self, name: str, *args, timeout: float = 30.0):
         self._check_alive()

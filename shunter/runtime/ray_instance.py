@@ -33,7 +33,7 @@ class InstanceWorker:
         self.executor = engine.executor
         self.facts["host"] = os.uname().nodename
         self.config = engine.config
-        self.loop = EngineLoop(engine, spec.report_interval)
+        self.loop = EngineLoop(engine, spec.report_interval, record_steps=spec.record_steps)
         self.loop.start()
 
     def info(self) -> dict:
@@ -64,6 +64,9 @@ class InstanceWorker:
     def write_blocks(self, block_ids: list[int], payload) -> None:
         """Store a `read_blocks` payload of another instance into reserved `block_ids`, beside a running step."""
         self.executor.write_blocks(block_ids, payload)
+
+    def recorded_steps(self) -> list:
+        return list(self.loop.step_log or [])
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -103,6 +106,9 @@ class RayInstance(InstanceHandle):
 
     async def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
         return await self.actor.poll.options(concurrency_group="poll").remote(after_seq, timeout)
+
+    async def recorded_steps(self) -> list:
+        return await self.actor.recorded_steps.remote()
 
     async def shutdown(self) -> None:
         import ray

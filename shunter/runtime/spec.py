@@ -48,6 +48,7 @@ class InstanceSpec:
     seed: int | None = 0
     null_token_ids: list[int] = field(default_factory=lambda: [42])
     null_step_time: float = 0.0
+    record_steps: bool = False  # keep every step's batch summary and time (benchmarks: `recorded_steps`)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

@@ -85,6 +85,7 @@ class Frontend:
         self.coordinator = MigrationCoordinator(migration or MigrationConfig(), spec.block_size)
         self.migrations: MigrationDriver | None = None  # started with the event loop (`start`)
         self._migrating: set[str] = set()  # requests ordered to migrate whose outcome is not settled here yet
+        self._closing = False
         self._control_task: asyncio.Task | None = None
         # Autoscaling (policy.scaling): instances ordered and not up yet; instances drained to be removed.
         self._num_starting = 0
@@ -165,6 +166,7 @@ class Frontend:
         return [h for h in self.handles.values() if h.state is InstanceState.READY]
 
     async def shutdown(self) -> None:
+        self._closing = True
         if self._control_task is not None:
             self._control_task.cancel()
         if self.migrations is not None:
@@ -290,7 +292,8 @@ class Frontend:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the actor died or its channel broke
-            self._instance_failed(handle, exc)
+            if not self._closing:  # (at shutdown the instances are being stopped: not a failure)
+                self._instance_failed(handle, exc)
 
     def _deliver(self, delta: TokenDelta, error: str | None) -> None:
         stream = self.streams.get(delta.request_id)
