@@ -49,16 +49,18 @@ from shunter.errors import CLIError, one_line_error
 CONTEXT = 1024
 SHAREGPT_MAX_TOKENS = 8192  # the length trace is filtered to 8k tokens per request
 DEFAULT_REQUESTS = 100
+CLUSTER_REQUESTS = 200
 DEFAULT_RATE = 0.6
 TARGET_ERROR = 0.10
 DEFAULT_PROFILE_ROUNDS = 2  # one round leaves a grid point's mean 2-4 % off on a jittery 2-core machine
 MAX_CONTENTION = 0.05  # above this, the replay was slowed by other processes (see runqueue_wait_seconds)
 METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
 PACKAGED = "packaged"  # `--profile packaged`: the profile shipped with Shunter
-# KV blocks per instance in a cluster run: 3,072 tokens, three of the longest requests, so memory fills
+# KV blocks per instance in a cluster run: 1,024 tokens, one of the longest requests, so memory fills
 # under the default load and Llumnix-style policies (which move requests off instances short of free
 # blocks) have something to do.
-CLUSTER_NUM_BLOCKS = 192
+CLUSTER_NUM_BLOCKS = 64
+CALIBRATION_SEED_OFFSET = 1000  # the calibration workload's seed: never the measured one
 CONTROL_INTERVAL = 0.05  # seconds: `shunter serve`'s default control and report intervals
 # What a migration stage costs between two instances on one machine (Ray calls and a copy through
 # shared memory): a few calls of a few ms each on a busy 2-core host, and memory-copy bandwidth.
@@ -197,14 +199,18 @@ def register(bench_subparsers) -> None:
         "fidelity", help="simulator vs the real engine on one workload: TTFT/TPOT p50/p99 errors",
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the errors and figures here")
-    p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests in the workload")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"requests in the workload (default {DEFAULT_REQUESTS}; {CLUSTER_REQUESTS} with --instances > 1, "
+                        f"so that p99 is not one request)")
     p.add_argument("--rate", type=float, default=DEFAULT_RATE, help="Poisson arrival rate, requests/s")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals and prompt tokens")
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="simulate with this profile JSON (measured on this machine), or 'packaged' for the one "
                         "shipped with Shunter (default: profile this machine first)")
-    p.add_argument("--profile-rounds", type=int, default=DEFAULT_PROFILE_ROUNDS,
-                   help="when profiling first: measure the grid this many times over")
+    p.add_argument("--profile-rounds", type=int, default=None,
+                   help=f"when profiling first: measure the grid this many times over (default "
+                        f"{DEFAULT_PROFILE_ROUNDS}; 1 with --instances > 1, on the quick grid, as the run then "
+                        f"scales the model to the serving runtime's steps)")
     p.add_argument("--save-profile", default=None, metavar="PATH", help="when profiling first: also write the profile here")
     p.add_argument("--quick-profile", action="store_true", help="when profiling first: the small grid of `profile --quick`")
     p.add_argument("--save-steps", default=None, metavar="PATH",
@@ -219,6 +225,9 @@ def register(bench_subparsers) -> None:
                    help="real instances: above 1, the workload runs on that many Ray-actor instances behind the "
                         "serving frontend (dispatch and live migration by --policy) and on as many simulated ones")
     p.add_argument("--policy", default="llumnix", help="policy bundle of both clusters (with --instances > 1)")
+    p.add_argument("--calibration-requests", type=int, default=40,
+                   help="with --instances > 1: first replay this many requests of another seed on the same "
+                        "instances and scale the latency model to their steps (0: no calibration)")
     p.add_argument("--num-blocks", type=int, default=CLUSTER_NUM_BLOCKS,
                    help="KV blocks per instance of both clusters (with --instances > 1): few enough that memory "
                         "fills and the migration policy has work")
@@ -230,6 +239,15 @@ def register(bench_subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from shunter.sim.profiled import packaged_profile
 
+    cluster = args.instances > 1
+    if args.requests is None:
+        args.requests = CLUSTER_REQUESTS if cluster else DEFAULT_REQUESTS
+    if args.profile_rounds is None:
+        # A cluster run scales the model to the serving runtime's own steps (calibration), so one round of
+        # the quick grid does: the whole run stays within ~10 minutes on these 2-core hosts.
+        args.profile_rounds = 1 if cluster else DEFAULT_PROFILE_ROUNDS
+    if cluster and not args.profile:
+        args.quick_profile = True
     if args.requests < 1:
         raise ValueError(f"--requests must be at least 1, got {args.requests}")
     if not args.rate > 0:
@@ -240,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--wait-idle must be >= 0 seconds, got {args.wait_idle}")
     if args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
+    if args.calibration_requests < 0:
+        raise ValueError(f"--calibration-requests must be >= 0, got {args.calibration_requests}")
     if args.num_blocks < 1:
         raise ValueError(f"--num-blocks must be at least 1, got {args.num_blocks}")
     if args.instances > 1:
@@ -400,8 +420,18 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
     config = replace(real.engine.config, num_blocks=args.num_blocks)
     del real.engine  # the profiling engine's weights and KV cache: the instances load their own
     load_before = load_average()
-    measured = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress))
+    # Calibration: another workload (its own seed) on the same instances first; its steps scale the
+    # latency model to the serving runtime. The measured replay is never used to fit anything.
+    calibration = None
+    if args.calibration_requests:
+        calibration = make_workload(args.calibration_requests, args.rate, args.seed + CALIBRATION_SEED_OFFSET,
+                                    real.vocab_size)
+    measured, calibration_steps = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress,
+                                                                 calibration))
     load_after = load_average()
+    scale = None
+    if calibration_steps:
+        latency, scale = calibrated(latency, calibration_steps)
     t0 = time.perf_counter()
     sim_result = simulate(workload, latency, real.max_model_len, args.instances, args.policy, kv_bytes,
                           args.num_blocks)
@@ -429,6 +459,7 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
                     "cpu": profile.metadata.get("cpu"), "coefficients": latency.coefficients,
                     "fit_error": latency.fit_error},
         "requests": per_request(workload, measured.records, sim_result.records),
+        "calibration": {"requests": args.calibration_requests, "steps": len(calibration_steps), "scale": scale},
         "diagnostics": {"replay_steps": step_model_error(latency, measured.steps) if measured.steps else None,
                         "sim_steps": sum(sim_result.instance_num_steps.values()),
                         "replay_seconds": measured.wall_seconds, "sim_wall_seconds": sim_wall,
@@ -442,7 +473,8 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
     return 0
 
 
-async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, show_progress: bool):
+async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, show_progress: bool,
+                             calibration: FidelityWorkload | None = None):
     from shunter.bench.cluster_replay import replay_cluster
     from shunter.cluster.bundles import build_policy
     from shunter.runtime.spec import InstanceSpec
@@ -467,11 +499,13 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
             from tqdm import tqdm
 
             bar = tqdm(total=len(workload.real), unit="req", desc="replaying", leave=False)
-        warm = {h.instance_id: len(await h.recorded_steps()) for h in frontend.handles.values()}
-        result = await replay_cluster(frontend, workload.real, on_finish=bar.update if bar else None)
-        # The instances' own steps during the replay (after the warm-up's): what the latency model is checked on.
-        result.steps = [s for h in frontend.handles.values() for s in (await h.recorded_steps())[warm[h.instance_id]:]]
-        return result
+        calibration_steps = []
+        if calibration is not None:
+            calibration_steps = (await _steps_of(frontend, replay_cluster(frontend, calibration.real))).steps
+            frontend.migrations.history.clear()
+        result = await _steps_of(frontend, replay_cluster(frontend, workload.real,
+                                                          on_finish=bar.update if bar else None))
+        return result, calibration_steps
     finally:
         if bar is not None:
             bar.close()
@@ -479,6 +513,28 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
         import ray
 
         ray.shutdown()
+
+
+async def _steps_of(frontend, replay):
+    """Run `replay`; its result, with `.steps` set to the instances' own steps during it."""
+    before = {h.instance_id: len(await h.recorded_steps()) for h in frontend.handles.values()}
+    result = await replay
+    steps = [s for h in frontend.handles.values() for s in (await h.recorded_steps())[before[h.instance_id]:]]
+    result.steps = steps
+    return result
+
+
+def calibrated(latency, steps):
+    """The latency model scaled so that it predicts the serving runtime's own `steps` in total: the
+    profiler times bare engine steps; an instance serving also answers polls and migration calls in its
+    process, beside a frontend and Ray on the same cores. Returns (model, scale)."""
+    from shunter.sim.profiled import ProfiledLatency
+
+    predicted = sum(latency.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps)
+    scale = sum(s.seconds for s in steps) / predicted
+    scaled = ProfiledLatency({f: c * scale for f, c in latency.coefficients.items()}, latency.metadata)
+    scaled.fit_error = latency.fit_error
+    return scaled, scale
 
 
 async def _warm_up(frontend, vocab_size: int) -> None:
@@ -516,6 +572,10 @@ def format_cluster_report(report: dict) -> str:
     lines.append(f"migrations committed: real {mig['real']} ({mig['real_aborted']} aborted), sim {mig['sim']}")
     lines.append(f"requests per instance (where they finished): real {report['finished_on']['real']}, "
                  f"sim {report['finished_on']['sim']}")
+    c = report["calibration"]
+    if c["scale"] is not None:
+        lines.append(f"latency model scaled x{c['scale']:.3f} to the serving runtime's steps on a separate "
+                     f"calibration workload ({c['requests']} requests, {c['steps']} steps)")
     d = report["diagnostics"]
     s = d["replay_steps"]
     if s is not None:

@@ -60,3 +60,18 @@ def test_the_simulated_cluster_runs_the_named_policy_on_every_instance():
     result = simulate(workload, latency, 2048, num_instances=2, policy="llumnix", kv_bytes_per_block=1 << 20)
     assert len(result.records) == 40
     assert {r.instance_id for r in result.records} == {"0", "1"}
+
+
+def test_calibration_scales_the_latency_model_to_the_runtimes_steps_in_total():
+    from shunter.bench.fidelity import calibrated
+    from shunter.sim.profiled import ProfiledLatency, ProfileStep
+
+    model = ProfiledLatency({"intercept": 0.01, "prefill_tokens": 1e-4, "prefill_attention_pairs": 0.0,
+                             "prefill_chunks": 0.0, "prefill_cached_tokens": 0.0, "num_decodes": 1e-3,
+                             "sum_decode_context": 1e-6})
+    steps = [ProfileStep([], 4, 400, 0.02), ProfileStep([(100, 0)], 0, 0, 0.03)]
+    predicted = sum(model.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps)
+    scaled, scale = calibrated(model, steps)
+    assert scale == pytest.approx(0.05 / predicted)
+    assert sum(scaled.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps) == pytest.approx(0.05)
+    assert model.coefficients["intercept"] == 0.01  # the original is left alone
