@@ -161,6 +161,12 @@ def compare(real: dict[str, float], sim: dict[str, float]) -> dict[str, float]:
     return {f"{m}_err": abs(sim[m] - real[m]) / real[m] for m in METRICS}
 
 
+def figures_and_errors(real_records, sim_records) -> dict:
+    """The report's core: both runs' latency figures, the relative errors and the target."""
+    real, sim = latency_figures(real_records), latency_figures(sim_records)
+    return {**compare(real, sim), "target": TARGET_ERROR, "real": real, "sim": sim}
+
+
 def format_report(report: dict) -> str:
     real, sim = report["real"], report["sim"]
     lines = [f"{'':<10} {'real':>9} {'sim':>9} {'error':>7}"]
@@ -363,13 +369,8 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
     sim_result = simulate(workload, latency, real.max_model_len)
     sim_wall = time.perf_counter() - t0
 
-    real_figures = latency_figures(measured.records)
-    sim_figures = latency_figures(sim_result.records)
     report = {
-        **compare(real_figures, sim_figures),
-        "target": TARGET_ERROR,
-        "real": real_figures,
-        "sim": sim_figures,
+        **figures_and_errors(measured.records, sim_result.records),
         "workload": {"requests": len(workload.sim), "rate": args.rate, "seed": args.seed, "context": CONTEXT,
                      "prompt_tokens": num_prompt, "output_tokens": num_output, "span_seconds": span},
         "engine": {"dtype": real.dtype, "threads": real.threads, "attention_backend": real.attention_backend,
@@ -436,13 +437,8 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
     sim_result = simulate(workload, latency, real.max_model_len, args.instances, args.policy, kv_bytes,
                           args.num_blocks)
     sim_wall = time.perf_counter() - t0
-    real_figures = latency_figures(measured.records)
-    sim_figures = latency_figures(sim_result.records)
     report = {
-        **compare(real_figures, sim_figures),
-        "target": TARGET_ERROR,
-        "real": real_figures,
-        "sim": sim_figures,
+        **figures_and_errors(measured.records, sim_result.records),
         "instances": args.instances,
         "policy": args.policy,
         "migrations": {"real": measured.num_committed, "real_aborted": len(measured.migrations) - measured.num_committed,

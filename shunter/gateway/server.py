@@ -48,8 +48,7 @@ class GatewayServer(ThreadedServer):
 
     async def serve(self, on_ready=None) -> None:
         """Probe the backends (BackendProbeError if one does not answer), serve until told to stop."""
-        uv = self._make_uvicorn(self.app, http=self.settings.timeouts.protocol(),
-                                timeout_keep_alive=self.settings.timeouts.keep_alive)
+        uv = self._make_uvicorn(self.app)
         self.state.closing = lambda: uv.should_exit
         try:
             await self.gateway.start()

@@ -70,8 +70,7 @@ class Server(ThreadedServer):
 
     async def serve(self, on_ready=None) -> None:
         """Start the instances, serve HTTP until told to stop, then stop the instances."""
-        uv = self._make_uvicorn(self.app, http=self.settings.timeouts.protocol(),
-                                timeout_keep_alive=self.settings.timeouts.keep_alive)
+        uv = self._make_uvicorn(self.app)
         # On SIGTERM/SIGINT uvicorn stops listening and waits for in-flight requests; requests that still
         # arrive on open connections meanwhile get 503 (`ServerState.closing`).
         self.state.closing = lambda: uv.should_exit

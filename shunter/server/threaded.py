@@ -16,7 +16,7 @@ class ThreadedServer:
     """An ASGI app served by uvicorn in the foreground (`serve`) or in a daemon thread (tests, benchmarks).
 
     Subclasses implement `serve`: start what the app needs, run `_run_uvicorn`, and stop it again.
-    `settings` needs `host`, `port`, `log_level` and `shutdown_timeout`.
+    `settings` needs `host`, `port`, `log_level`, `shutdown_timeout` and `timeouts` (`ConnectionTimeouts`).
     """
 
     def __init__(self, settings) -> None:
@@ -30,11 +30,13 @@ class ThreadedServer:
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.port}"
 
-    def _make_uvicorn(self, app, **config) -> uvicorn.Server:
-        """uvicorn for `app` on the settings' address; `config`: more `uvicorn.Config` options."""
+    def _make_uvicorn(self, app) -> uvicorn.Server:
+        """uvicorn for `app` on the settings' address, with their slow- and idle-client time-outs."""
+        timeouts = self.settings.timeouts
         config = uvicorn.Config(app, host=self.settings.host, port=self.settings.port,
                                 log_level=self.settings.log_level, lifespan="off",
-                                timeout_graceful_shutdown=self.settings.shutdown_timeout, **config)
+                                timeout_graceful_shutdown=self.settings.shutdown_timeout,
+                                http=timeouts.protocol(), timeout_keep_alive=timeouts.keep_alive)
         self._uvicorn = _Uvicorn(config)
         return self._uvicorn
 
