@@ -2,10 +2,12 @@
 
     shunter bench migration [--lengths 128,512,2048,8000] [--others 3] [--json PATH]
 
-Two instances of the built-in model as Ray actors (the serving runtime, no
-HTTP) and the serving frontend's own migration driver. For each sequence
-length L, a request with an L-token prompt decodes on instance 0 beside
-`--others` other decoding requests, and is then migrated to instance 1:
+Instances of the built-in model as Ray actors (the serving runtime, no HTTP)
+and the serving frontend's own migration driver. For each sequence length L,
+a request with an L-token prompt decodes on instance 0 beside `--others` other
+decoding requests, and is then migrated to instance 1, which reads the KV
+straight from instance 0's shared-memory cache (the `shared-memory` channel,
+the default on one machine):
 
 - downtime: the migration's final stage, from the source's answer to the
   suspension (its last step there has ended) to the destination's import (the
@@ -18,8 +20,12 @@ length L, a request with an L-token prompt decodes on instance 0 beside
   (what a migration without KV would cost);
 - decode step: the source's median time between two tokens of the request
   before the migration;
-- source slowdown: the other requests' mean gap between tokens on the source
-  while the migration runs, over their mean gap before it.
+- source slowdown: the source's steps while the migration runs, each over the
+  median step of the same batch outside it, as recorded by the source itself.
+
+The same live and blocking migrations to a third instance whose cache is
+private (`--kv-channel object-store`, Ray's object store: the channel across
+machines) show what the choice of channel changes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import statistics
 import time
 
 from shunter.errors import CLIError
+from shunter.runtime.ray_instance import kv_channel
 from shunter.sim.cli import HelpFormatter
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048,4096,8000"
@@ -81,9 +88,19 @@ async def _measure(lengths: list[int], args) -> dict:
     if max(lengths) + 64 > model_len:
         raise CLIError(f"the longest length {max(lengths)} leaves no room to decode in the model's "
                        f"context of {model_len} tokens")
-    spec = InstanceSpec(model=source_path(source), dtype=args.dtype, num_threads=1, max_num_batched_tokens=2048)
+    # record_steps: the source's own step times give its slowdown during a migration.
+    spec = InstanceSpec(model=source_path(source), dtype=args.dtype, num_threads=1, max_num_batched_tokens=2048,
+                        record_steps=True)
     frontend = Frontend(ray_handles, spec, build_policy("rr"), "bench", tokenizer.eos_token_id)
     await frontend.start(2)
+    # A third instance whose cache is private, as with `--kv-channel object-store`: migrations to it
+    # take Ray's object store, so both channels are measured side by side.
+    frontend.spec = spec.replace(kv_channel="object-store")
+    await frontend.add_instance()
+    channels = {"1": kv_channel(frontend.get_handle("0"), frontend.get_handle("1")),
+                "2": kv_channel(frontend.get_handle("0"), frontend.get_handle("2"))}
+    if channels != {"1": "shared-memory", "2": "object-store"}:
+        raise CLIError(f"expected a shared-memory and an object-store channel, got {channels}")
     rng = np.random.default_rng(0)
     vocab = tokenizer.vocab_size
 
@@ -96,48 +113,49 @@ async def _measure(lengths: list[int], args) -> dict:
                 times.extend([time.monotonic()] * len(event.token_ids))
 
     def submit_on(instance_id: str, ids: list[int], max_tokens: int):
-        # Round robin over two instances: a throwaway dispatch to the other one keeps the next on `instance_id`.
+        # Round robin: throwaway dispatches to the other instances keep the next one on `instance_id`.
         while True:
             stream = frontend.submit(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
             if stream.instance_id == instance_id:
                 return stream
             frontend.abort(stream.request_id)
 
+    live_stages = frontend.coordinator.config.max_stages
+    modes = (("live", "1", live_stages), ("blocking", "1", 1),
+             ("live_object_store", "2", live_stages), ("blocking_object_store", "2", 1))
     rows = []
     try:
         for length in lengths:
             row = {"length": length}
-            for mode, max_stages in (("live", frontend.coordinator.config.max_stages), ("blocking", 1)):
+            for mode, dst, max_stages in modes:
                 frontend.coordinator.config.max_stages = max_stages
                 others = [submit_on("0", prompt(32), 4000) for _ in range(args.others)]
-                other_times = [[] for _ in others]
-                other_tasks = [asyncio.create_task(consume(s, t)) for s, t in zip(others, other_times)]
+                other_tasks = [asyncio.create_task(consume(s, [])) for s in others]
                 stream = submit_on("0", prompt(length), 4000)
                 times: list[float] = []
                 task = asyncio.create_task(consume(stream, times))
                 while len(times) < 24:  # prefilled, then a steady run of decode steps
                     await asyncio.sleep(0.01)
                 began = time.monotonic()
-                m = await frontend.migrate(stream.request_id, "1")
-                ended = time.monotonic()
+                m = await frontend.migrate(stream.request_id, dst)
                 if m.outcome != "committed":
                     raise CLIError(f"the {mode} migration at length {length} aborted: {m.abort_reason}")
-                await asyncio.sleep(0.3)  # tokens from the destination
+                await asyncio.sleep(0.5)  # tokens from the destination; the source's steps without it
                 row[f"{mode}_downtime_ms"] = m.downtime * 1000
+                steps = await frontend.get_handle("0").recorded_steps()
+                row[f"{mode}_source_slowdown"] = source_slowdown(steps, m, args.others + 1, since=times[4])
                 if mode == "live":
                     before = [b - a for a, b in zip(times[4:], times[5:]) if b <= began]
                     row["decode_step_ms"] = statistics.median(before) * 1000
                     row["stages"] = m.num_stages
                     row["blocks_per_stage"] = m.blocks_per_stage
-                    # Before: once the request decodes (its long prefill slows everybody's steps).
-                    row["source_slowdown"] = _slowdown(other_times, times[4], began, ended)
                     # What the client sees: the longest pause between two of its tokens across the move.
                     row["max_gap_ms"] = max((b - a for a, b in zip(times, times[1:]) if b >= began), default=0) * 1000
                 for s in [stream, *others]:
                     frontend.abort(s.request_id)
                 for t in [task, *other_tasks]:
                     await asyncio.wait_for(t, 30)
-            frontend.coordinator.config.max_stages = 8
+            frontend.coordinator.config.max_stages = live_stages
             # Recompute: the same length prefilled from scratch on the (now idle) destination.
             fresh = submit_on("1", prompt(length), 1)
             t0 = time.monotonic()
@@ -146,8 +164,9 @@ async def _measure(lengths: list[int], args) -> dict:
             row["recompute_ms"] = (time.monotonic() - t0) * 1000
             rows.append(row)
             print(f"  length {length}: downtime {row['live_downtime_ms']:.1f} ms, blocking copy "
-                  f"{row['blocking_downtime_ms']:.1f} ms, recompute {row['recompute_ms']:.0f} ms, decode step "
-                  f"{row['decode_step_ms']:.1f} ms", flush=True)
+                  f"{row['blocking_downtime_ms']:.1f} ms (object store: {row['blocking_object_store_downtime_ms']:.1f} "
+                  f"ms), recompute {row['recompute_ms']:.0f} ms, decode step {row['decode_step_ms']:.1f} ms",
+                  flush=True)
     finally:
         await frontend.shutdown()
     return {
@@ -156,36 +175,59 @@ async def _measure(lengths: list[int], args) -> dict:
         "blocking_copy_ms": [r["blocking_downtime_ms"] for r in rows],
         "recompute_ms": [r["recompute_ms"] for r in rows],
         "decode_step_ms": [r["decode_step_ms"] for r in rows],
-        "source_slowdown": [r["source_slowdown"] for r in rows],
+        "source_slowdown": [r["live_source_slowdown"] for r in rows],
         "max_gap_ms": [r["max_gap_ms"] for r in rows],
         "stages": [r["stages"] for r in rows],
         "blocks_per_stage": [r["blocks_per_stage"] for r in rows],
+        # The same through Ray's object store (the channel across machines), for the choice of channel.
+        "object_store": {
+            "downtime_ms": [r["live_object_store_downtime_ms"] for r in rows],
+            "blocking_copy_ms": [r["blocking_object_store_downtime_ms"] for r in rows],
+            "source_slowdown": [r["live_object_store_source_slowdown"] for r in rows],
+        },
         "others": args.others,
     }
 
 
-def _slowdown(times_per_request: list[list[float]], since: float, began: float, ended: float) -> float | None:
-    """Mean token gap of the other requests during [began, ended] over their mean gap in [since, began)."""
-    before, during = [], []
-    for times in times_per_request:
-        for a, b in zip(times, times[1:]):
-            if since <= a and b < began:
-                before.append(b - a)
-            elif a >= began and b <= ended + 0.05:
-                during.append(b - a)
-    if not before or not during:
-        return None
-    return statistics.mean(during) / statistics.mean(before)
+def source_slowdown(steps: list, m, num_decodes: int, since: float) -> float | None:
+    """How much slower the source's steps were while migration `m` ran, as a ratio (1.0: not at all).
+
+    Each step of the source that ended during the migration is compared with the median step of
+    the same batch outside it: `num_decodes` decodes (the migrating request and the others) from
+    `since` to the migration, one fewer after its final stage suspended the request there. Steps
+    with a prefill are left out. None when either side has no steps.
+    """
+    before = [s.seconds for s in steps
+              if not s.prefill and s.num_decodes == num_decodes and since < s.ended_at <= m.start_time]
+    after = [s.seconds for s in steps if not s.prefill and s.num_decodes == num_decodes - 1 and s.ended_at > m.end_time]
+    ratios = []
+    for s in steps:
+        if s.prefill or not m.start_time < s.ended_at <= m.end_time:
+            continue
+        # A step ends after the suspension answer only if it ran without the request.
+        baseline = before if s.num_decodes == num_decodes else after if s.num_decodes == num_decodes - 1 else None
+        if baseline:
+            ratios.append(s.seconds / statistics.median(baseline))
+    return statistics.mean(ratios) if ratios else None
 
 
 def _print(r: dict) -> None:
-    print(f"shunter bench migration: two Ray-actor instances of the built-in model (1 thread each), "
+    print(f"shunter bench migration: Ray-actor instances of the built-in model (1 thread each), "
           f"{r['others']} other requests decoding on the source")
+    print("channel shared-memory (the destination reads the source's cache):")
+    _print_channel(r["lengths"], r)
+    print("channel object-store (the source sends its blocks through Ray's object store):")
+    other = {k: v for k, v in r.items() if k != "max_gap_ms"}  # the client's gaps: measured on shared memory only
+    _print_channel(r["lengths"], {**other, **r["object_store"]})
+
+
+def _print_channel(lengths: list[int], r: dict) -> None:
     print(f"  {'length':>7} {'downtime':>10} {'blocking copy':>14} {'recompute':>10} {'decode step':>12} "
-          f"{'recompute/downtime':>19} {'source slowdown':>16} {'max gap':>9}")
-    for i, n in enumerate(r["lengths"]):
+          f"{'recompute/downtime':>19} {'source slowdown':>16}" + (f" {'max gap':>9}" if "max_gap_ms" in r else ""))
+    for i, n in enumerate(lengths):
         slow = r["source_slowdown"][i]
         print(f"  {n:>7} {r['downtime_ms'][i]:>8.1f}ms {r['blocking_copy_ms'][i]:>12.1f}ms "
               f"{r['recompute_ms'][i]:>8.0f}ms {r['decode_step_ms'][i]:>10.1f}ms "
               f"{r['recompute_ms'][i] / r['downtime_ms'][i]:>18.1f}x "
-              f"{'-' if slow is None else f'{(slow - 1) * 100:+.1f} %':>16} {r['max_gap_ms'][i]:>7.1f}ms")
+              f"{'-' if slow is None else f'{(slow - 1) * 100:+.1f} %':>16}"
+              + (f" {r['max_gap_ms'][i]:>7.1f}ms" if "max_gap_ms" in r else ""))

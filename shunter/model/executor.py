@@ -17,6 +17,7 @@ import torch
 from shunter.engine.outputs import ExecOutput, ScheduledRequest, SchedulerOutput
 from shunter.model.llama import LlamaModel, ModelConfig, PrefillChunk, StepInputs
 from shunter.model.sampler import Sampler
+from shunter.model.shared_kv import KVShare, SharedKVCache, copy_shared_blocks, shared_memory_available
 
 # Default CPU cache: room for 64 concurrent requests of 2k tokens, bounded by
 # a quarter of the machine's memory.
@@ -55,6 +56,8 @@ class ModelExecutor:
 
     num_threads: torch intra-op threads (process-wide); None leaves torch's default.
     seed: seeds the generator shared by requests without their own seed.
+    share_kv: on CPU, keep the cache in shared memory (`kv_share` says where), so that another
+        executor on this machine can `pull_blocks` from it without this one doing any work.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ModelExecutor:
         block_size: int = 16,
         num_threads: int | None = None,
         seed: int | None = None,
+        share_kv: bool = False,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
@@ -76,7 +80,13 @@ class ModelExecutor:
         self.model = model
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_cache = model.new_kv_cache(num_blocks, block_size)
+        self.kv_share: KVShare | None = None
+        if share_kv and model.device.type == "cpu" and shared_memory_available():
+            self._shared_cache = SharedKVCache(model.kv_cache_shape(num_blocks, block_size), model.dtype)
+            self.kv_cache = self._shared_cache.tensor
+            self.kv_share = self._shared_cache.share
+        else:
+            self.kv_cache = model.new_kv_cache(num_blocks, block_size)
         self.sampler = Sampler(seed)
 
     def execute(self, batch: SchedulerOutput) -> ExecOutput:
@@ -168,8 +178,21 @@ class ModelExecutor:
     @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], payload: torch.Tensor) -> None:
         """Store a `read_blocks` payload (from this or another executor of the same model) into `block_ids`."""
-        expected = (self.kv_cache.shape[0], len(block_ids), *self.kv_cache.shape[2:])
-        if tuple(payload.shape) != expected:
-            raise ValueError(f"KV payload has shape {tuple(payload.shape)}, expected {expected}")
+        self._check_blocks_match(tuple(payload.shape), len(block_ids), "KV payload")
         index = torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)
         self.kv_cache.index_copy_(1, index, payload.to(device=self.kv_cache.device, dtype=self.kv_cache.dtype))
+
+    def pull_blocks(self, share: KVShare, src_block_ids: list[int], block_ids: list[int]) -> None:
+        """Copy blocks of another executor's shared cache (`share`, on this machine) into `block_ids`.
+
+        A one-sided read: the owner of `share` does nothing and keeps stepping.
+        """
+        if len(src_block_ids) != len(block_ids):
+            raise ValueError(f"pulling {len(src_block_ids)} KV blocks into {len(block_ids)} blocks")
+        self._check_blocks_match((share.shape[0], len(block_ids), *share.shape[2:]), len(block_ids), "shared KV cache")
+        copy_shared_blocks(share, src_block_ids, self.kv_cache, block_ids)
+
+    def _check_blocks_match(self, shape: tuple[int, ...], num_blocks: int, what: str) -> None:
+        expected = (self.kv_cache.shape[0], num_blocks, *self.kv_cache.shape[2:])
+        if shape != expected:
+            raise ValueError(f"{what} has shape {shape}, expected {expected}")

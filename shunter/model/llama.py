@@ -183,6 +183,11 @@ class LlamaModel:
         self.rope_cos = (emb.cos() * attention_scaling).to(self.dtype).to(self.device)
         self.rope_sin = sin.to(self.dtype).to(self.device)
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """The KV cache's shape: `[num_layers, num_blocks, block_size, 2 * kv_heads, head_dim]`."""
+        c = self.config
+        return (c.num_layers, num_blocks, block_size, 2 * c.num_kv_heads, c.head_dim)
+
     def new_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
         """A zeroed KV cache for `num_blocks` blocks of `block_size` tokens.
 
@@ -192,8 +197,7 @@ class LlamaModel:
         out already zero and untouched, so a cache of gigabytes costs nothing
         until it is written, instead of seconds of filling.
         """
-        c = self.config
-        shape = (c.num_layers, num_blocks, block_size, 2 * c.num_kv_heads, c.head_dim)
+        shape = self.kv_cache_shape(num_blocks, block_size)
         if self.device.type != "cpu":
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
         import numpy as np

@@ -241,7 +241,8 @@ class EngineLoop:
         if self.step_log is not None:
             from shunter.sim.profiled import ProfileStep
 
-            self.step_log.append(ProfileStep.from_batch(batch, self.clock() - started))
+            ended = self.clock()
+            self.step_log.append(ProfileStep.from_batch(batch, ended - started, ended))
         if deltas:
             self._push(deltas=deltas)
         return True

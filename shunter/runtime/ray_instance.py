@@ -1,11 +1,14 @@
 """Instances as Ray actors: each one its own process, its engine loop a thread inside it.
 
-Live migration's engine calls and KV copies are actor calls too: a copy's
-payload goes from the source actor to the destination actor through Ray's
-object store (shared memory on one machine, Ray's transfer across machines).
-Copies run in a third concurrency group, beside the engine's steps rather
-than between them (copy_safe in handles.py says why that is safe), so they
-never stall the step loop.
+Live migration's engine calls and KV copies are actor calls too. A copy takes
+one of two channels (`kv_channel`): between two instances on one machine whose
+caches are in shared memory, the destination reads the blocks straight from the
+source's cache (shunter/model/shared_kv.py), so the source spends nothing on
+it; otherwise the source reads the blocks and the payload goes to the
+destination through Ray's object store (Ray's transfer across machines).
+`shunter bench migration` measures both. Copies run in a third concurrency
+group, beside the engine's steps rather than between them (copy_safe in
+handles.py says why that is safe), so they never stall the step loop.
 
 The actor has two concurrency groups: commands (add, abort, finish) run one at
 a time in the order the frontend sent them, so an abort can never overtake the
@@ -32,12 +35,14 @@ class InstanceWorker:
         engine, self.facts = build_engine(spec, instance_id)
         self.executor = engine.executor
         self.facts["host"] = os.uname().nodename
+        self.facts["kv_cache"] = "private" if getattr(self.executor, "kv_share", None) is None else "shared-memory"
         self.config = engine.config
         self.loop = EngineLoop(engine, spec.report_interval, record_steps=spec.record_steps)
         self.loop.start()
 
     def info(self) -> dict:
-        return {"config": self.config, "facts": self.facts, "report": self.loop.load_report().result()}
+        return {"config": self.config, "facts": self.facts, "report": self.loop.load_report().result(),
+                "kv_share": getattr(self.executor, "kv_share", None)}
 
     def add_request(self, request: Request) -> None:
         self.loop.add_request(request)
@@ -65,6 +70,10 @@ class InstanceWorker:
         """Store a `read_blocks` payload of another instance into reserved `block_ids`, beside a running step."""
         self.executor.write_blocks(block_ids, payload)
 
+    def pull_blocks(self, share, src_block_ids: list[int], block_ids: list[int]) -> None:
+        """Copy blocks of another instance's shared cache on this machine into reserved `block_ids`."""
+        self.executor.pull_blocks(share, src_block_ids, block_ids)
+
     def recorded_steps(self) -> list:
         return list(self.loop.step_log or [])
 
@@ -84,6 +93,7 @@ class RayInstance(InstanceHandle):
     def __init__(self, instance_id: str, spec: InstanceSpec, role: str = "mixed") -> None:
         super().__init__(instance_id, spec, role)
         self.actor = None
+        self.kv_share = None  # where the cache is, when it is in shared memory
 
     async def start(self) -> None:
         import ray
@@ -102,6 +112,7 @@ class RayInstance(InstanceHandle):
         self.config = info["config"]
         self.facts = info["facts"]
         self.last_report = info["report"]
+        self.kv_share = info["kv_share"]
         self.state = InstanceState.READY
 
     async def poll(self, after_seq: int, timeout: float) -> list[StepMessage]:
@@ -130,10 +141,14 @@ class RayInstance(InstanceHandle):
                     timeout: float = 60.0) -> None:
         import ray
 
-        # The payload goes from this actor to the destination actor through Ray's object store;
-        # the frontend passes only the reference.
-        payload = self.actor.read_blocks.options(concurrency_group="copy").remote(src_block_ids)
-        written = dst.actor.write_blocks.options(concurrency_group="copy").remote(dst_block_ids, payload)
+        if kv_channel(self, dst) == "shared-memory":
+            written = dst.actor.pull_blocks.options(concurrency_group="copy").remote(
+                self.kv_share, src_block_ids, dst_block_ids)
+        else:
+            # The payload goes from this actor to the destination actor through Ray's object store;
+            # the frontend passes only the reference.
+            payload = self.actor.read_blocks.options(concurrency_group="copy").remote(src_block_ids)
+            written = dst.actor.write_blocks.options(concurrency_group="copy").remote(dst_block_ids, payload)
         try:
             ray.get(written, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -152,3 +167,12 @@ class RayInstance(InstanceHandle):
 
     def _send_finish(self, request_id: str) -> None:
         self.actor.finish_request.remote(request_id)
+
+
+def kv_channel(src: InstanceHandle, dst: InstanceHandle) -> str:
+    """The channel a copy from `src` to `dst` takes: "shared-memory" or "object-store" (see the module's doc)."""
+    share = getattr(src, "kv_share", None)
+    if (share is not None and isinstance(dst, RayInstance) and dst.spec.kv_channel != "object-store"
+            and dst.facts.get("host") == share.host):
+        return "shared-memory"
+    return "object-store"

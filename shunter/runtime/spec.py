@@ -16,6 +16,7 @@ from shunter.config import SchedulerConfig
 from shunter.engine import InstanceEngine
 
 EXECUTORS = ("model", "null")
+KV_CHANNELS = ("shared-memory", "object-store")
 
 
 @dataclass
@@ -30,6 +31,10 @@ class InstanceSpec:
     num_blocks: KV-cache blocks (None: sized for the device).
     max_model_len: the context (None: the model's own; at most the model's).
     report_interval: seconds between the load reports the instance pushes.
+    kv_channel: how live migration moves KV between Ray-actor instances: "shared-memory" (the
+        destination reads the source's cache directly when both are on one machine with CPU
+        caches; Ray's object store where that cannot work) or "object-store" (always Ray's
+        object store; the cache is then private memory).
     """
 
     model: str | None = None
@@ -48,11 +53,14 @@ class InstanceSpec:
     seed: int | None = 0
     null_token_ids: list[int] = field(default_factory=lambda: [42])
     null_step_time: float = 0.0
+    kv_channel: str = "shared-memory"
     record_steps: bool = False  # keep every step's batch summary and time (benchmarks: `recorded_steps`)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r}: use one of {', '.join(EXECUTORS)}")
+        if self.kv_channel not in KV_CHANNELS:
+            raise ValueError(f"unknown KV channel {self.kv_channel!r}: use one of {', '.join(KV_CHANNELS)}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
         if self.report_interval <= 0:
@@ -100,6 +108,7 @@ def build_engine(spec: InstanceSpec, instance_id: str) -> tuple[InstanceEngine, 
     dtype, device = loaded.model.dtype, loaded.model.device
     num_blocks = spec.num_blocks or default_num_blocks(loaded.config, spec.block_size, dtype, device)
     config = spec.scheduler_config(num_blocks, loaded.config.max_model_len)
-    executor = ModelExecutor(loaded.model, num_blocks, spec.block_size, seed=spec.seed)
+    executor = ModelExecutor(loaded.model, num_blocks, spec.block_size, seed=spec.seed,
+                             share_kv=spec.kv_channel != "object-store")
     facts.update(dtype=str(dtype).removeprefix("torch."), device=str(device), num_threads=torch.get_num_threads())
     return InstanceEngine(config, executor, instance_id), facts

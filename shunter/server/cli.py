@@ -20,6 +20,7 @@ import time
 
 from shunter.errors import CLIError
 from shunter.gateway import cli as gateway_cli
+from shunter.runtime.spec import KV_CHANNELS
 
 
 def register(subparsers) -> None:
@@ -64,6 +65,11 @@ def register(subparsers) -> None:
                    help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting a local Ray")
     p.add_argument("--runtime", default="ray", choices=["ray", "local"],
                    help="ray: each instance a Ray actor (default); local: instances as threads of this process")
+    p.add_argument("--kv-channel", default="shared-memory", choices=KV_CHANNELS,
+                   help="how live migration moves KV between instances: shared-memory lets the destination "
+                        "read the source's cache directly when both are on this machine with CPU caches (the "
+                        "source spends nothing on the copy; elsewhere Ray's object store is used); "
+                        "object-store always goes through Ray (default shared-memory)")
     p.add_argument("--migration-stage-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a live migration whose stage (a KV copy or an instance call) takes longer is aborted: "
                         "the request goes on where it was (default 10)")
@@ -140,6 +146,7 @@ def run(args) -> int:
         block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=args.prefix_caching, report_interval=args.report_interval, seed=args.seed,
+        kv_channel=args.kv_channel,
     )
     if args.null_engine:
         spec = spec.replace(executor="null", model=None, null_step_time=args.null_step_time,

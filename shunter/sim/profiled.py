@@ -74,17 +74,21 @@ def packaged_profile(hardware: str | None, model: str | None) -> str | None:
 
 @dataclass
 class ProfileStep:
-    """One measured step: prefill chunks `(num_new_tokens, context_len)`, decodes, seconds."""
+    """One measured step: prefill chunks `(num_new_tokens, context_len)`, decodes, seconds.
+
+    ended_at: when the step ended on the clock of whoever ran it (0.0 when not known).
+    """
 
     prefill: list[tuple[int, int]]
     num_decodes: int
     sum_decode_context: int
     seconds: float
+    ended_at: float = 0.0
 
     @classmethod
-    def from_batch(cls, batch: SchedulerOutput, seconds: float) -> ProfileStep:
+    def from_batch(cls, batch: SchedulerOutput, seconds: float, ended_at: float = 0.0) -> ProfileStep:
         prefills, num_decodes, sum_context = summarize_batch(batch)
-        return cls(prefills, num_decodes, sum_context, seconds)
+        return cls(prefills, num_decodes, sum_context, seconds, ended_at)
 
     def features(self) -> list[float]:
         return step_features(self.prefill, self.num_decodes, self.sum_decode_context)

@@ -38,6 +38,8 @@ def test_instances_are_separate_processes(ray_server):
     pids = {i["facts"]["pid"] for i in listed}
     assert len(listed) == 2 and len(pids) == 2
     assert all(i["facts"]["num_threads"] == 1 and i["state"] == "ready" for i in listed)
+    # Their caches are in shared memory, so migrations between them read KV directly (kv_channel).
+    assert all(i["facts"]["kv_cache"] == "shared-memory" for i in listed)
 
 
 def test_greedy_output_equals_offline_generation(ray_server):

@@ -1,0 +1,30 @@
+"""Which channel a live migration's KV copy takes between two Ray-actor instances."""
+
+from __future__ import annotations
+
+from shunter.model.shared_kv import KVShare
+from shunter.runtime.handles import LocalInstance
+from shunter.runtime.ray_instance import RayInstance, kv_channel
+from shunter.runtime.spec import InstanceSpec
+
+
+def ray_instance(instance_id: str, host: str, shared: bool, channel: str = "shared-memory") -> RayInstance:
+    """A RayInstance as `start` leaves it (no actor needed to decide a channel)."""
+    inst = RayInstance(instance_id, InstanceSpec(kv_channel=channel))
+    inst.facts = {"host": host}
+    inst.kv_share = KVShare(host, 1234, 7, (30, 64, 16, 6, 64), "bfloat16") if shared else None
+    return inst
+
+
+def test_one_machine_and_a_shared_cache_read_directly():
+    assert kv_channel(ray_instance("0", "a", True), ray_instance("1", "a", True)) == "shared-memory"
+    # The destination's own cache need not be shared: only the source's is read.
+    assert kv_channel(ray_instance("0", "a", True), ray_instance("1", "a", False)) == "shared-memory"
+
+
+def test_everything_else_goes_through_the_object_store():
+    assert kv_channel(ray_instance("0", "a", True), ray_instance("1", "b", True)) == "object-store"  # two machines
+    assert kv_channel(ray_instance("0", "a", False), ray_instance("1", "a", True)) == "object-store"  # private cache
+    assert kv_channel(ray_instance("0", "a", True), ray_instance("1", "a", True, "object-store")) == "object-store"
+    local = LocalInstance("1", InstanceSpec(executor="null"))
+    assert kv_channel(ray_instance("0", "a", True), local) == "object-store"
