@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from typing import AsyncIterator, Callable
 
 from shunter.cluster.bundles import PolicyConfig
+from shunter.cluster.drain import stop_if_drained
 from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
 from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
 from shunter.engine.scheduler import RequestState
@@ -500,16 +501,17 @@ class Frontend:
             self._num_starting -= 1
 
     def _remove_if_empty(self, instance_id: str) -> None:
-        """Stop a drained instance that owns no request and has no migration in flight."""
+        """Stop a drained instance once the cluster's rule (`stop_if_drained`) lets it go."""
         handle = self.handles.get(instance_id)
         if handle is None or handle.state is not InstanceState.DRAINING:
             self._scaling_down.discard(instance_id)
             return
-        if (any(s.instance_id == instance_id for s in self.streams.values())
-                or self.migrations.num_active(instance_id) or handle.has_unfinished_requests):
+        has_requests = (handle.has_unfinished_requests
+                        or any(s.instance_id == instance_id for s in self.streams.values()))
+        if not stop_if_drained(self._scheduler_for(handle), instance_id, has_requests=has_requests,
+                               num_migrations=self.migrations.num_active(instance_id)):
             return
         self._scaling_down.discard(instance_id)
-        self._scheduler_for(handle).remove_instance(instance_id)
         pump = self._pumps.pop(instance_id, None)
         if pump is not None:
             pump.cancel()

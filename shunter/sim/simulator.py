@@ -29,9 +29,10 @@ and is paid for from that moment; it joins dispatch at its `InstanceReady`,
 policy moves its requests away (Llumnix pairing treats it as infinitely
 used), and with migration "none" its requests simply finish there, since
 nothing new arrives — no request is ever moved by a policy that says never.
-Once it holds no request, runs no step and has no migration in flight, it
-stops: it leaves the global scheduler and stops costing. Instances that
-stopped stay in `instances` (their engines can be inspected).
+When it stops is the cluster's rule (`cluster/drain.py`, the server's too):
+once it holds no request, runs no step and has no migration in flight, it
+leaves the global scheduler and stops costing. Instances that stopped stay in
+`instances` (their engines can be inspected).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from shunter.cluster.bundles import PolicyConfig
+from shunter.cluster.drain import stop_if_drained
 from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
 from shunter.cluster.instance import InProcessInstance
 from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
@@ -440,16 +442,16 @@ class Simulator:
         self._stop_if_drained(inst, now)
 
     def _stop_if_drained(self, inst: SimInstance, now: float) -> None:
-        """Stop a draining instance that holds no request, runs no step and has no migration in flight."""
-        if (not inst.is_draining or inst.is_busy or inst.engine.has_unfinished_requests
-                or self.coordinator.num_active(inst.instance_id)):
+        """Stop a draining instance once the cluster's rule (`stop_if_drained`) lets it go."""
+        if not stop_if_drained(self.global_scheduler, inst.instance_id,
+                               has_requests=inst.engine.has_unfinished_requests,
+                               num_migrations=self.coordinator.num_active(inst.instance_id), is_stepping=inst.is_busy):
             return
         bm = inst.scheduler.block_manager
         if bm.num_free_blocks != bm.num_blocks:
             raise RuntimeError(f"instance {inst.instance_id} is empty but holds {bm.num_used_blocks} KV blocks")
         if self.config.debug:
             inst.engine.check_invariants()
-        self.global_scheduler.remove_instance(inst.instance_id)
         inst.is_draining = False
         inst.span.stop = now
 
