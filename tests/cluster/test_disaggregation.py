@@ -113,7 +113,8 @@ def test_with_no_decode_instance_taking_work_the_request_stays():
     first_token(pd, request)
     started = []
     outcome = pd.hand_off(request, "0", 0.0, started.append)
-    assert outcome.dst is None and "every instance is draining" in outcome.problem and "prefill instance 0" in outcome.problem
+    assert outcome.dst is None
+    assert "every instance is draining" in outcome.problem and "prefill instance 0" in outcome.problem
     assert started == []
 
 
