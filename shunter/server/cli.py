@@ -40,11 +40,11 @@ def register(subparsers) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: sized for the device)")
     p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
                    help="turn prefix caching off")
-    p.add_argument("--instances", type=int, default=2, help="instances to start (default 2)")
+    p.add_argument("--instances", type=int, default=None, help="instances to start (default 2; with --pd, P + D)")
     p.add_argument("--pd", default=None, metavar="P:D",
-                   help="prefill/decode disaggregation: P prefill and D decode instances (instead of --instances); "
+                   help="prefill/decode disaggregation: P prefill and D decode instances (P + D instances in all); "
                         "each request prefills on a prefill instance and migrates to a decode instance after its "
-                        "first token")
+                        "first token (not with --autoscale)")
     p.add_argument("--threads-per-instance", type=int, default=None,
                    help="torch threads per instance (default: this machine's cores / instances, at least 1)")
     p.add_argument("--policy", default="infaas",
@@ -54,7 +54,8 @@ def register(subparsers) -> None:
                    help="migration pairing policy: none, llumnix, shunter (overrides the bundle's)")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                    help="start and drain instances between MIN and MAX with the scaling policy (starts with "
-                        "--instances, at least MIN); drained instances are stopped once their requests moved away")
+                        "--instances, at least MIN); drained instances are stopped once their requests moved away "
+                        "(not with --pd)")
     p.add_argument("--scaling-policy", default=None, metavar="NAME",
                    help="freeness or shunter (default: shunter with --policy shunter, else freeness)")
     p.add_argument("--control-interval", type=float, default=0.05,
@@ -111,6 +112,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from shunter.cluster.bundles import BUNDLES, build_policy
+    from shunter.cluster.disaggregation import parse_pd
     from shunter.cluster.dispatch import DISPATCH
     from shunter.cluster.migration_policy import MIGRATION
     from shunter.runtime.spec import InstanceSpec
@@ -127,12 +129,14 @@ def run(args) -> int:
     if args.migration is not None and args.migration not in MIGRATION.names():
         raise CLIError(f"unknown migration policy {args.migration!r}: use one of {', '.join(MIGRATION.names())}")
     scaling = parse_autoscale(args.autoscale, args.scaling_policy, args.policy)
+    pd = parse_pd(args.pd, instances=args.instances, autoscale=args.autoscale)
     policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration, scaling=scaling)
+    if pd is not None:
+        args.instances = pd.num_instances
+    elif args.instances is None:
+        args.instances = 2
     if scaling is not None:
         args.instances = min(max(args.instances, scaling.min_instances), scaling.max_instances)
-    pd = parse_pd(args.pd)
-    if pd is not None:
-        args.instances = sum(pd)
     threads = args.threads_per_instance or max(1, (os.cpu_count() or 1) // args.instances)
     started = time.monotonic()
     from shunter.model.loader import load_tokenizer_and_context, prepare_checkpoint, source_path
@@ -177,7 +181,7 @@ def run(args) -> int:
     def ready(srv: Server) -> None:
         print(f"shunter: serving {names[0]} on {srv.url} with {args.instances} instance(s) "
               f"({args.runtime}, {threads} thread(s) each, dispatch {policy.dispatch}, migration {policy.migration}"
-              f"{f', P/D {pd[0]}:{pd[1]}' if pd else ''}); "
+              f"{f', P/D {pd}' if pd else ''}); "
               f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
     asyncio.run(server.serve(on_ready=ready))
@@ -191,7 +195,7 @@ NULL_ENGINE_TEXT = " The quick brown fox jumps over the lazy dog."
 def _check_args(args) -> None:
     for name in ("port", "instances", "max_num_seqs", "max_num_batched_tokens", "block_size"):
         value = getattr(args, name)
-        if value <= 0 or (name == "port" and value > 65535):
+        if value is not None and value <= 0 or (name == "port" and value > 65535):
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer{' up to 65535' if name == 'port' else ''}, got {value}")
     for name in ("max_request_bytes", "max_live_requests"):
         if getattr(args, name) <= 0:
@@ -224,16 +228,6 @@ def parse_autoscale(text: str | None, policy_name: str | None, bundle: str):
         return ScalingConfig(min_instances=int(parts[0]), max_instances=int(parts[1]), policy=name)
     except ValueError as exc:
         raise CLIError(f"--autoscale {text}: {exc}") from None
-
-
-def parse_pd(text: str | None) -> tuple[int, int] | None:
-    """`P:D` -> (P, D), both at least 1; CLIError naming the value otherwise."""
-    if text is None:
-        return None
-    parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
-        raise CLIError(f"--pd must be P:D with P, D >= 1 (e.g. 1:1), got {text!r}")
-    return int(parts[0]), int(parts[1])
 
 
 def default_model_name(model: str | None) -> str:

@@ -23,6 +23,8 @@ from concurrent.futures import Future
 from typing import AsyncIterator, Callable
 
 from shunter.cluster.bundles import PolicyConfig
+from shunter.cluster.disaggregation import MIXED, Disaggregation, PDSplit
+from shunter.cluster.drain import stop_if_drained
 from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
 from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
 from shunter.engine.scheduler import RequestState
@@ -60,18 +62,17 @@ class Frontend:
 
     def __init__(self, make_handle: HandleFactory, spec: InstanceSpec, policy: PolicyConfig, model_name: str,
                  eos_token_id: int | None, seed: int = 0, control_interval: float = 0.05,
-                 migration: MigrationConfig | None = None, pd: tuple[int, int] | None = None,
+                 migration: MigrationConfig | None = None, pd: PDSplit | tuple[int, int] | None = None,
                  restart_failed: bool = False, stage_timeout: float = 10.0, instance_timeout: float = 60.0) -> None:
         self.make_handle = make_handle
         self.spec = spec
         self.policy = policy
         self.model_name = model_name
         self.eos_token_id = eos_token_id
-        self.scheduler = GlobalScheduler(policy=policy, seed=seed)
-        # P/D disaggregation: new requests go to prefill instances (`scheduler`); after its first
-        # token each migrates to a decode instance picked by the same dispatch policy (`decode_scheduler`).
-        self.pd = pd
-        self.decode_scheduler = GlobalScheduler(policy=policy, seed=seed + 1) if pd else None
+        # P/D disaggregation (the cluster's rule, `Disaggregation`): new requests go to prefill instances
+        # (`scheduler` is then the prefill one); after its first token each is handed off to a decode instance.
+        self.pd = Disaggregation(pd, policy, seed) if pd else None
+        self.scheduler = self.pd.prefill if self.pd else GlobalScheduler(policy=policy, seed=seed)
         self.metrics = ServerMetrics(model_name)
         self.handles: dict[str, InstanceHandle] = {}
         self.streams: dict[str, RequestStream] = {}
@@ -94,7 +95,7 @@ class Frontend:
         self.scaling_actions: list[tuple[float, int, str | None]] = []
 
     # ---- instances -----------------------------------------------------------------------
-    async def add_instance(self, role: str = "mixed") -> InstanceHandle:
+    async def add_instance(self, role: str = MIXED) -> InstanceHandle:
         """Start one more instance; it takes work once it is up (its first report seeds dispatch)."""
         handle = await self._launch(role)
         self._register(handle)
@@ -123,7 +124,7 @@ class Frontend:
         self._update_state_gauge()
 
     def _scheduler_for(self, handle: InstanceHandle) -> GlobalScheduler:
-        return self.decode_scheduler if handle.role == "decode" and self.decode_scheduler else self.scheduler
+        return self.pd.scheduler_for(handle.role) if self.pd else self.scheduler
 
     async def start(self, num_instances: int) -> None:
         """Start the instances side by side (with --pd P:D, P prefill and D decode ones), the migration
@@ -133,7 +134,7 @@ class Frontend:
             self.coordinator,
             on_commit=lambda m: loop.call_soon_threadsafe(self._migrated, m),
             on_end=lambda m: loop.call_soon_threadsafe(self._migration_ended, m), stage_timeout=self.stage_timeout)
-        roles = ["prefill"] * self.pd[0] + ["decode"] * self.pd[1] if self.pd else ["mixed"] * num_instances
+        roles = self.pd.split.roles() if self.pd else [MIXED] * num_instances
         results = await asyncio.gather(*(self._launch(role) for role in roles), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -198,7 +199,7 @@ class Frontend:
         # Validate before the owner map knows it: a refused request leaves nothing anywhere.
         handle.validate(request)
         stream = RequestStream(request.request_id, handle.instance_id, request.num_prompt_tokens, now,
-                               request=request, handoff_pending=self.decode_scheduler is not None)
+                               request=request, handoff_pending=self.pd is not None)
         self.streams[request.request_id] = stream
         self.scheduler.assign(request, handle)
         self.metrics.dispatches.labels(self.policy.dispatch, handle.instance_id).inc()
@@ -369,7 +370,7 @@ class Frontend:
 
     def _schedulers_for_resume(self, failed_id: str) -> list[GlobalScheduler]:
         # P/D: a request with output decodes, so a decode instance first; a prefill one will do.
-        return [self.scheduler] if self.decode_scheduler is None else [self.decode_scheduler, self.scheduler]
+        return [self.scheduler] if self.pd is None else [self.pd.decode, self.pd.prefill]
 
     async def _replace(self, failed: InstanceHandle) -> None:
         """--restart-failed: start an instance of the same role in place of a dead one."""
@@ -431,23 +432,13 @@ class Frontend:
             pass  # already moving; the next tick sees fresher reports
 
     def _hand_off(self, stream: RequestStream) -> None:
-        """P/D: the request has its first token on a prefill instance; move it to a decode instance."""
+        """P/D: the request has its first token; if it is on a prefill instance, move it to a decode instance."""
         stream.handoff_pending = False
-        src = self.handles.get(stream.instance_id)
-        if src is None or src.role != "prefill":
-            return
-        try:
-            dst = self.decode_scheduler.select_instance(stream.request, time.monotonic())
-        except ValueError:
-            log.warning("no decode instance for %s: it decodes on prefill instance %s", stream.request_id,
-                        src.instance_id)
-            return
-        try:
-            self._submit_migration(stream.request_id, src, dst)
-        except MigrationRefused as exc:
-            log.warning("P/D hand-off of %s refused: %s", stream.request_id, exc)
-            return
-        self.decode_scheduler.count_incoming(stream.request, dst.instance_id)
+        src_id = stream.instance_id
+        outcome = self.pd.hand_off(stream.request, src_id, time.monotonic(),
+                                   lambda dst: self._submit_migration(stream.request_id, self.handles[src_id], dst))
+        if outcome.problem is not None:
+            log.warning("P/D hand-off of %s: %s", stream.request_id, outcome.problem)
 
     async def _control_loop(self) -> None:
         """Every control interval: the migration policy's orders (and a drain's) over the pushed reports."""
@@ -457,7 +448,7 @@ class Frontend:
             try:
                 orders = []
                 # In P/D mode requests move prefill -> decode by hand-off only; the policies balance within a role.
-                for scheduler in filter(None, (self.scheduler, self.decode_scheduler)):
+                for scheduler in self.pd.schedulers if self.pd else (self.scheduler,):
                     orders += scheduler.control_step(now, self.migrations.num_active)
                     orders += scheduler.drain_step(now, self.migrations.num_active)
             except Exception:  # a policy bug must not stop serving; it is logged and retried next tick
@@ -500,16 +491,17 @@ class Frontend:
             self._num_starting -= 1
 
     def _remove_if_empty(self, instance_id: str) -> None:
-        """Stop a drained instance that owns no request and has no migration in flight."""
+        """Stop a drained instance once the cluster's rule (`stop_if_drained`) lets it go."""
         handle = self.handles.get(instance_id)
         if handle is None or handle.state is not InstanceState.DRAINING:
             self._scaling_down.discard(instance_id)
             return
-        if (any(s.instance_id == instance_id for s in self.streams.values())
-                or self.migrations.num_active(instance_id) or handle.has_unfinished_requests):
+        has_requests = (handle.has_unfinished_requests
+                        or any(s.instance_id == instance_id for s in self.streams.values()))
+        if not stop_if_drained(self._scheduler_for(handle), instance_id, has_requests=has_requests,
+                               num_migrations=self.migrations.num_active(instance_id)):
             return
         self._scaling_down.discard(instance_id)
-        self._scheduler_for(handle).remove_instance(instance_id)
         pump = self._pumps.pop(instance_id, None)
         if pump is not None:
             pump.cancel()

@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from shunter.cluster.bundles import PolicyConfig
+from shunter.cluster.disaggregation import PDSplit
 from shunter.model.tokenizer import Tokenizer
 from shunter.runtime.handles import InstanceHandle, LocalInstance
 from shunter.runtime.spec import InstanceSpec
@@ -32,7 +33,7 @@ class ServerSettings:
     log_level: str = "warning"
     seed: int = 0
     control_interval: float = 0.05
-    pd: tuple[int, int] | None = None  # prefill and decode instances (then num_instances is their sum)
+    pd: PDSplit | tuple[int, int] | None = None  # prefill and decode instances (then num_instances is their sum)
     access: AccessPolicy = field(default_factory=AccessPolicy)
     timeouts: ConnectionTimeouts = field(default_factory=ConnectionTimeouts)  # slow and idle clients
     max_live_requests: int = 1024

@@ -3,6 +3,7 @@
     shunter simulate --trace azure2023_conv --instances 4 --hardware a100-80gb --model llama-2-7b \\
         --policy llumnix --duration 600 --json out.json --plot out.png
     shunter simulate --trace azure2023_code --hardware a10 --policy llumnix --autoscale 1:16
+    shunter simulate --trace azure2023_conv --pd 2:6 --policy llumnix    # prefill/decode disaggregation
     shunter simulate --list
 
 Heavy imports (numpy, the simulator) happen inside the handler so `shunter --help` stays instant.
@@ -50,7 +51,12 @@ def register(subparsers) -> None:
     w.add_argument("--tpot-slo", type=float, default=None, help="time-per-output-token objective, seconds")
     c = p.add_argument_group("cluster")
     c.add_argument("--instances", type=int, default=None,
-                   help="number of instances (default 1; with --autoscale, at the start, default MIN)")
+                   help="number of instances (default 1; with --autoscale, at the start, default MIN; "
+                        "with --pd, P + D)")
+    c.add_argument("--pd", default=None, metavar="P:D",
+                   help="prefill/decode disaggregation: P prefill and D decode instances; each request prefills on a "
+                        "prefill instance and migrates to a decode instance (the dispatch policy's pick) after its "
+                        "first token (not with --autoscale)")
     c.add_argument("--hardware", default=None, help=f"GPU of each instance (roofline; default {DEFAULT_HARDWARE})")
     c.add_argument("--model", default=None,
                    help=f"model, optionally with -tpN (default {DEFAULT_MODEL}; profiled: the profile's model)")
@@ -131,6 +137,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
+    from shunter.cluster.disaggregation import parse_pd
     from shunter.cluster.load import LoadConfig
     from shunter.cluster.policies import LINKS, build_policy
     from shunter.config import SchedulerConfig
@@ -146,8 +153,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     if args.instances is not None and args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
+    pd = parse_pd(args.pd, instances=args.instances, autoscale=args.autoscale)
     scaling = scaling_config(args)
-    num_instances = args.instances or (scaling.min_instances if scaling else 1)
+    num_instances = pd.num_instances if pd is not None else args.instances or (scaling.min_instances if scaling else 1)
     if args.goodput and scaling is not None:
         raise ValueError("--goodput rates a fixed number of GPUs; drop --autoscale")
     if args.control_interval < 0:
@@ -196,7 +204,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         gpus_per_instance=model.tp if model and args.latency_model == "roofline" else 1,
         migration=MigrationConfig(bandwidth_bytes_per_s=bandwidth,
                                   kv_bytes_per_block=model.kv_bytes_per_block(args.block_size) if model else 0),
-        seed=args.seed,
+        seed=args.seed, pd=pd,
     )
 
     def simulate(requests, show_progress: bool):
@@ -236,7 +244,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         "trace": args.trace, "start": args.start, "duration": args.duration, "rate_scale": args.rate_scale,
         "rate": args.rate, "max_requests": args.max_requests, "seed": args.seed,
         "priority_fraction": args.priority_fraction, "ttft_slo": args.ttft_slo, "tpot_slo": args.tpot_slo,
-        "instances": num_instances, "autoscale": args.autoscale, "hardware": hardware if args.latency_model == "roofline" else None,
+        "instances": num_instances, "pd": str(pd) if pd is not None else None,
+        "autoscale": args.autoscale, "hardware": hardware if args.latency_model == "roofline" else None,
         "model": model.name if model else None, "policy": args.policy, "policies": policy.to_json(),
         "control_interval": args.control_interval, "link": link,
         "latency_model": latency.describe(),

@@ -5,14 +5,15 @@ the explicit key (time, kind priority, sequence number). Sequence numbers come
 from an injected counter, so two runs push and pop in the same order.
 
 Kind priorities at equal times: a step that ends at t is applied before
-anything else happens at t; cluster events (migration stages, instances
-coming up, arrivals, control ticks, scaling) come next; a step that starts at t starts last, so it
-sees every request that arrived at t.
+anything else happens at t; cluster events (P/D hand-offs, migration stages,
+instances coming up, arrivals, control ticks, scaling) come next; a step that
+starts at t starts last, so it sees every request that arrived at t.
 
 Instance-local events (`StepStart`, `StepEnd`) exist only on the step-by-step
-path (`SimConfig.fast_path=False`). On the fast path instances are advanced
-lazily to each cluster event's time instead (see `simulator.py`); the result is
-the same, which tests/sim/test_fast_path.py checks.
+path (`SimConfig.fast_path=False`), and on the fast path for P/D's prefill
+instances, whose step ends can be hand-offs. On the fast path the other
+instances are advanced lazily to each cluster event's time instead (see
+`simulator.py`); the result is the same, which tests/sim/test_fast_path.py checks.
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ class MigrationOrderEvent(Event):
     def __init__(self, time: float, order: MigrationOrder) -> None:
         super().__init__(time)
         self.order = order
+
+
+class HandOff(Event):
+    """P/D: a request got its first token on a prefill instance at the end of a step; it moves to a decode instance.
+
+    A cluster event at that step's end, so every instance is brought to that time first.
+    """
+
+    __slots__ = ("instance", "request_id")
+    kind = 1
+
+    def __init__(self, time: float, instance: SimInstance, request_id: str) -> None:
+        super().__init__(time)
+        self.instance = instance
+        self.request_id = request_id
 
 
 class MigrationCommit(Event):

@@ -10,7 +10,7 @@ JSON schema (every latency in seconds, each summary {mean, p50, p90, p99}):
     preemptions         int    preemption events over all requests
     preempted_requests  int    requests preempted at least once
     preemption_loss_tokens int tokens computed again because of preemption
-    migrations          int    committed live migrations
+    migrations          int    committed live migrations (P/D hand-offs included)
     migrations_aborted  int
     migration_downtime  summary | null
     instance_seconds    float  Σ over instances of the seconds each was paid for, from its order (start-up
@@ -18,9 +18,13 @@ JSON schema (every latency in seconds, each summary {mean, p50, p90, p99}):
     gpu_seconds         float  instance_seconds x GPUs per instance
     makespan            float  first arrival -> last finish
     throughput          {requests_per_s, output_tokens_per_s}
-    instances           [{id, requests, steps, busy_fraction, start, ready, drain, stop, seconds}]
-                        every instance the run had; start: ordered, ready: joined dispatch, drain: drained,
+    instances           [{id, role, requests, steps, busy_fraction, start, ready, drain, stop, seconds}]
+                        every instance the run had; role: mixed, prefill or decode; requests: those that
+                        finished there; start: ordered, ready: joined dispatch, drain: drained,
                         stop: stopped (null: never / still up at the end); busy_fraction of its own seconds
+    pd                  null (no P/D) | {prefill, decode: instances of each role, hand_offs: committed
+                        migrations to a decode instance, hand_offs_aborted, not_handed_off: requests whose
+                        hand-off could not start (no decode instance took work, or the order was refused)}
     scaling             null (a fixed size) | {actions: [{time, add, drain, freeness}],
                         timeline: [[time, provisioned, serving], ...] where the counts change,
                         mean_instances: instance_seconds / makespan}
@@ -37,6 +41,7 @@ import math
 from dataclasses import replace
 from typing import Callable, Sequence
 
+from shunter.cluster.disaggregation import MIXED
 from shunter.sim.metrics import GOODPUT_ATTAINMENT, slo_attainment, summarize
 from shunter.sim.simulator import SimResult
 from shunter.sim.workloads import WorkloadRequest
@@ -80,6 +85,7 @@ def build_report(result: SimResult, num_requests: int, *, config: dict | None = 
             "output_tokens_per_s": output_tokens / makespan if makespan > 0 else None,
         },
         "instances": [_instance_json(result, iid, per_instance_requests.get(iid, 0)) for iid in result.instance_ids],
+        "pd": _pd_json(result) if result.pd is not None else None,
         "scaling": _scaling_json(result) if result.autoscaling else None,
         "goodput": goodput,
         "config": config or {},
@@ -95,11 +101,19 @@ def build_report(result: SimResult, num_requests: int, *, config: dict | None = 
 def _instance_json(result: SimResult, iid: str, num_requests: int) -> dict:
     span = result.instance_spans.get(iid)
     seconds = span.seconds(result.end_time) if span is not None else result.makespan
-    out = {"id": iid, "requests": num_requests, "steps": result.instance_num_steps[iid],
+    out = {"id": iid, "role": result.instance_roles.get(iid, MIXED), "requests": num_requests,
+           "steps": result.instance_num_steps[iid],
            "busy_fraction": result.instance_busy_time[iid] / seconds if seconds > 0 else None}
     if span is not None:
         out.update(start=span.start, ready=span.ready, drain=span.drain, stop=span.stop, seconds=seconds)
     return out
+
+
+def _pd_json(result: SimResult) -> dict:
+    return {"prefill": result.pd.num_prefill, "decode": result.pd.num_decode,
+            "hand_offs": sum(1 for m in result.hand_offs if m.outcome == "committed"),
+            "hand_offs_aborted": sum(1 for m in result.hand_offs if m.outcome == "aborted"),
+            "not_handed_off": len(result.hand_off_problems)}
 
 
 def _scaling_json(result: SimResult) -> dict:
@@ -128,6 +142,11 @@ def format_summary(report: dict) -> str:
     lines.append(f"preemptions {report['preemptions']} ({report['preemption_loss_tokens']} tokens recomputed), "
                  f"migrations {report['migrations']}, instance-seconds {report['instance_seconds']:.1f}, "
                  f"makespan {report['makespan']:.1f} s")
+    if report.get("pd"):
+        pd = report["pd"]
+        lines.append(f"P/D {pd['prefill']}:{pd['decode']}: {pd['hand_offs']} hand-offs to decode instances"
+                     + (f", {pd['hand_offs_aborted']} aborted" if pd["hand_offs_aborted"] else "")
+                     + (f", {pd['not_handed_off']} not started" if pd["not_handed_off"] else ""))
     if report.get("scaling"):
         sc = report["scaling"]
         added = sum(a["add"] for a in sc["actions"])

@@ -29,9 +29,19 @@ and is paid for from that moment; it joins dispatch at its `InstanceReady`,
 policy moves its requests away (Llumnix pairing treats it as infinitely
 used), and with migration "none" its requests simply finish there, since
 nothing new arrives — no request is ever moved by a policy that says never.
-Once it holds no request, runs no step and has no migration in flight, it
-stops: it leaves the global scheduler and stops costing. Instances that
-stopped stay in `instances` (their engines can be inspected).
+When it stops is the cluster's rule (`cluster/drain.py`, the server's too):
+once it holds no request, runs no step and has no migration in flight, it
+leaves the global scheduler and stops costing. Instances that stopped stay in
+`instances` (their engines can be inspected).
+
+Prefill/decode disaggregation (`SimConfig.pd`): the cluster's rule
+(`cluster/disaggregation.py`, the server's too). Instances 0..P-1 are prefill
+instances, in the dispatching global scheduler; the D decode instances are in
+a second one. When a step on a prefill instance gives a request its first
+token, a `HandOff` event at that step's end asks the rule for a decode
+instance and starts the migration there like any other. Prefill instances
+are always driven step by step (their steps end in cluster events, so they
+cannot be advanced lazily past them); decode instances take the fast path.
 """
 
 from __future__ import annotations
@@ -42,8 +52,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from shunter.cluster.bundles import PolicyConfig
+from shunter.cluster.disaggregation import MIXED, PREFILL, Disaggregation, PDSplit
+from shunter.cluster.drain import stop_if_drained
 from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
-from shunter.cluster.instance import InProcessInstance
+from shunter.cluster.instance import InProcessInstance, Instance
 from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
 from shunter.cluster.scaling import ScalingAction
 from shunter.config import SchedulerConfig
@@ -54,6 +66,7 @@ from shunter.sim.events import (
     ControlTick,
     Event,
     EventQueue,
+    HandOff,
     InstanceReady,
     MigrationCommit,
     MigrationOrderEvent,
@@ -88,6 +101,8 @@ class SimConfig:
     migration: how migrations run and what copies cost.
     (Autoscaling is `policy.scaling`; the run starts with `num_instances`, within its bounds.)
     gpus_per_instance: GPUs one instance occupies (tensor parallelism), for GPU-seconds.
+    pd: prefill/decode disaggregation, P prefill and D decode instances (num_instances must be P + D;
+        not with autoscaling); None: every instance is mixed.
     """
 
     num_instances: int = 1
@@ -100,10 +115,13 @@ class SimConfig:
     gpus_per_instance: int = 1
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     seed: int = 0
+    pd: PDSplit | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_instances, int) or isinstance(self.num_instances, bool) or self.num_instances < 1:
             raise ValueError(f"the number of instances must be a positive integer, got {self.num_instances!r}")
+        if self.pd is not None and self.num_instances != self.pd.num_instances:
+            raise ValueError(f"P/D {self.pd} runs {self.pd.num_instances} instances, not {self.num_instances}")
         if self.control_interval is not None and not self.control_interval > 0:
             raise ValueError(f"control_interval must be > 0 or None, got {self.control_interval!r}")
         scaling = self.policy.scaling
@@ -166,6 +184,10 @@ class SimResult:
     instance_spans: dict[str, InstanceSpan] = field(default_factory=dict)
     autoscaling: bool = False  # whether the run scaled (`PolicyConfig.scaling`)
     scaling_actions: list[tuple[float, ScalingAction]] = field(default_factory=list)  # (time, action) taken
+    pd: PDSplit | None = None  # the P/D split (None: every instance mixed)
+    instance_roles: dict[str, str] = field(default_factory=dict)  # instance id -> mixed, prefill or decode
+    hand_offs: list[Migration] = field(default_factory=list)  # P/D: the migrations to decode instances started
+    hand_off_problems: dict[str, str] = field(default_factory=dict)  # P/D: request id -> why it was not handed off
 
     @property
     def makespan(self) -> float:
@@ -203,14 +225,20 @@ class SimResult:
 
 
 class SimInstance:
-    """An in-process instance plus the simulator's bookkeeping of its steps."""
+    """An in-process instance plus the simulator's bookkeeping of its steps.
+
+    role: mixed, or prefill / decode under P/D. is_lazy: driven by the fast path (else its steps
+    are events in the queue).
+    """
 
     def __init__(self, instance_id: str, config: SchedulerConfig, latency_model: LatencyModel,
-                 tracker: RecomputeTracker) -> None:
+                 tracker: RecomputeTracker, role: str = MIXED, is_lazy: bool = True) -> None:
         self.executor = SimExecutor(latency_model, tracker)
         self.engine = InstanceEngine(config, self.executor, instance_id)
         self.instance = InProcessInstance(self.engine)
         self.instance_id = instance_id
+        self.role = role
+        self.is_lazy = is_lazy
         self.scheduler = self.engine.scheduler
         self.decode_step_ends = latency_model.decode_step_ends
         self.is_busy = False  # a step is under way or due to begin
@@ -246,14 +274,27 @@ class Simulator:
         self.queue = EventQueue(counter if counter is not None else itertools.count())
         self.progress = progress
         self.tracker = RecomputeTracker()
-        self.instances = [SimInstance(str(i), config.scheduler, latency_model, self.tracker)
-                          for i in range(config.num_instances)]
+        roles = config.pd.roles() if config.pd is not None else [MIXED] * config.num_instances
+        # A prefill instance's steps end in hand-offs, cluster events: it is never advanced lazily.
+        self.instances = [SimInstance(str(i), config.scheduler, latency_model, self.tracker, role,
+                                      is_lazy=config.fast_path and role != PREFILL)
+                          for i, role in enumerate(roles)]
         self.by_id = {inst.instance_id: inst for inst in self.instances}
         self._sim_of = {id(inst.instance): inst for inst in self.instances}
-        self.global_scheduler = GlobalScheduler(policy=config.policy, seed=config.seed,
-                                                prefill_seconds=prefill_estimator(latency_model, config.scheduler))
+        prefill_seconds = prefill_estimator(latency_model, config.scheduler)
+        # P/D: the cluster's rule and its two schedulers; `global_scheduler` (dispatch) is the prefill one.
+        self.pd: Disaggregation | None = None
+        if config.pd is not None:
+            self.pd = Disaggregation(config.pd, config.policy, config.seed, prefill_seconds)
+            self.global_scheduler = self.pd.prefill
+        else:
+            self.global_scheduler = GlobalScheduler(policy=config.policy, seed=config.seed,
+                                                    prefill_seconds=prefill_seconds)
+        self.schedulers = self.pd.schedulers if self.pd is not None else (self.global_scheduler,)
         for inst in self.instances:
-            self.global_scheduler.add_instance(inst.instance, inst.engine.load_report(0.0))
+            self._scheduler_of(inst).add_instance(inst.instance, inst.engine.load_report(0.0))
+        self.hand_offs: list[Migration] = []
+        self.hand_off_problems: dict[str, str] = {}
         self.coordinator = MigrationCoordinator(config.migration, config.scheduler.block_size)
         self.refused_orders: list[tuple[MigrationOrder, str]] = []
         self._next_sample_time = -INF
@@ -334,6 +375,8 @@ class Simulator:
             self._on_scaling_decision(event.time)
         elif kind is InstanceReady:
             self._on_instance_ready(event.instance, event.time)
+        elif kind is HandOff:
+            self._on_hand_off(event.instance, event.request_id, event.time)
         else:
             raise TypeError(f"unknown event {event!r}")
 
@@ -381,16 +424,19 @@ class Simulator:
             self.progress(1)
 
     def _on_control_tick(self, now: float) -> None:
-        gs = self.global_scheduler
-        reports = gs.collect_reports(now)
-        if self.config.load_sample_interval is not None and now >= self._next_sample_time:
+        is_sampling = self.config.load_sample_interval is not None and now >= self._next_sample_time
+        if is_sampling:
             self._next_sample_time = now + self.config.load_sample_interval
-            for report in reports:
-                self.load_samples[report.instance_id].append(
-                    LoadSample(now, report.num_used_blocks, report.num_running, report.num_waiting))
-        if gs.policy.migration != "none":
-            for order in gs.control_step(now, self.coordinator.num_active):
-                self._start_migration(order, now)
+        # Under P/D each role's scheduler balances its own instances; requests cross roles by hand-off only.
+        for gs in self.schedulers:
+            reports = gs.collect_reports(now)
+            if is_sampling:
+                for report in reports:
+                    self.load_samples[report.instance_id].append(
+                        LoadSample(now, report.num_used_blocks, report.num_running, report.num_waiting))
+            if gs.policy.migration != "none":
+                for order in gs.control_step(now, self.coordinator.num_active):
+                    self._start_migration(order, now)
         if self._has_pending_work():
             # k * interval rather than repeated addition: tick times do not drift.
             k = round((now - self._tick_origin()) / self.config.control_interval) + 1
@@ -418,7 +464,8 @@ class Simulator:
 
     def _start_instance(self, now: float, startup_delay: float) -> None:
         """Order a new instance (the next id): paid for from now, it joins dispatch `startup_delay` later."""
-        inst = SimInstance(str(len(self.instances)), self.config.scheduler, self.latency_model, self.tracker)
+        inst = SimInstance(str(len(self.instances)), self.config.scheduler, self.latency_model, self.tracker,
+                           is_lazy=self.lazy)
         inst.span = InstanceSpan(now)
         self.instances.append(inst)
         self.by_id[inst.instance_id] = inst
@@ -440,18 +487,21 @@ class Simulator:
         self._stop_if_drained(inst, now)
 
     def _stop_if_drained(self, inst: SimInstance, now: float) -> None:
-        """Stop a draining instance that holds no request, runs no step and has no migration in flight."""
-        if (not inst.is_draining or inst.is_busy or inst.engine.has_unfinished_requests
-                or self.coordinator.num_active(inst.instance_id)):
+        """Stop a draining instance once the cluster's rule (`stop_if_drained`) lets it go."""
+        if not stop_if_drained(self._scheduler_of(inst), inst.instance_id,
+                               has_requests=inst.engine.has_unfinished_requests,
+                               num_migrations=self.coordinator.num_active(inst.instance_id), is_stepping=inst.is_busy):
             return
         bm = inst.scheduler.block_manager
         if bm.num_free_blocks != bm.num_blocks:
             raise RuntimeError(f"instance {inst.instance_id} is empty but holds {bm.num_used_blocks} KV blocks")
         if self.config.debug:
             inst.engine.check_invariants()
-        self.global_scheduler.remove_instance(inst.instance_id)
         inst.is_draining = False
         inst.span.stop = now
+
+    def _scheduler_of(self, inst: SimInstance) -> GlobalScheduler:
+        return self.pd.scheduler_for(inst.role) if self.pd is not None else self.global_scheduler
 
     def _has_pending_work(self) -> bool:
         return (self._next_arrival < len(self.workload) or any(inst.is_busy for inst in self.instances)
@@ -464,7 +514,7 @@ class Simulator:
             return
         inst.is_busy = True
         inst.busy_since = now
-        if self.lazy:
+        if inst.is_lazy:
             inst.next_begin = now
         else:
             self.queue.push(StepStart(now, inst))
@@ -506,6 +556,9 @@ class Simulator:
                     by_id = {s.request.request_id: s.request for s in batch.scheduled}
                     finished = []
                 finished.append(by_id[d.request_id])
+            elif inst.role == PREFILL and d.output_index == 0 and d.new_token_ids:
+                # Its first token (prefill instances are never lazy, so this is the step-end's own time).
+                self.queue.push(HandOff(now, inst, d.request_id))
         if finished:
             self._record(inst, finished)
         if self.config.debug:
@@ -514,7 +567,7 @@ class Simulator:
     # ---- driving instances: lazily (fast path) --------------------------------------------
     def _advance_all(self, until: float) -> None:
         for inst in self.instances:
-            if inst.is_busy:
+            if inst.is_busy and inst.is_lazy:
                 self._advance(inst, until)
 
     def _advance(self, inst: SimInstance, until: float) -> None:
@@ -631,18 +684,37 @@ class Simulator:
             raise ValueError(f"no instance {instance_id!r}; instances: {', '.join(self.by_id)}") from None
 
     def _start_migration(self, order: MigrationOrder, now: float) -> None:
+        """Start an order; one that cannot start lands in `refused_orders`."""
+        try:
+            self._migrate(order, now)
+        except MigrationRefused as e:
+            self.refused_orders.append((order, str(e)))
+
+    def _migrate(self, order: MigrationOrder, now: float) -> Migration:
+        """Start an order and run its first stage; MigrationRefused (nothing changed) if it cannot start."""
         src, dst = self._instance(order.src_id), self._instance(order.dst_id)
         for inst in (src, dst):
             if inst.span.ready is None or inst.span.stop is not None:  # an order given ahead of time
-                self.refused_orders.append((order, f"instance {inst.instance_id} is not up"))
-                return
-        try:
-            migration = self.coordinator.start(order.request_id, src.instance, dst.instance, now)
-        except MigrationRefused as e:
-            self.refused_orders.append((order, str(e)))
-            return
+                raise MigrationRefused(f"instance {inst.instance_id} is not up")
+        migration = self.coordinator.start(order.request_id, src.instance, dst.instance, now)
         self.migrations.append(migration)
         self._run_stage(migration, now)
+        return migration
+
+    def _on_hand_off(self, src: SimInstance, request_id: str, now: float) -> None:
+        """P/D: a request has its first token on prefill instance `src`; the cluster's rule moves it on."""
+        request = src.engine.get_request(request_id)
+        if request is None or request.is_finished:
+            return
+        if self.config.control_interval is None:  # no control ticks refresh the decode scheduler's view
+            self.pd.decode.collect_reports(now)
+
+        def migrate(dst: Instance) -> None:
+            self.hand_offs.append(self._migrate(MigrationOrder(request_id, src.instance_id, dst.instance_id), now))
+
+        outcome = self.pd.hand_off(request, src.instance_id, now, migrate)
+        if outcome.problem is not None:
+            self.hand_off_problems[request_id] = outcome.problem
 
     def _run_stage(self, m: Migration, now: float) -> None:
         """Plan the migration's next stage; its copy takes `copy_time` of virtual time."""
@@ -717,6 +789,10 @@ class Simulator:
             instance_spans={inst.instance_id: inst.span for inst in self.instances},
             autoscaling=self.config.policy.scaling is not None,
             scaling_actions=self.scaling_actions,
+            pd=self.config.pd,
+            instance_roles={inst.instance_id: inst.role for inst in self.instances},
+            hand_offs=self.hand_offs,
+            hand_off_problems=self.hand_off_problems,
         )
 
 

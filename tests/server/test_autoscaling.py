@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
+from shunter.cluster.bundles import build_policy
 from shunter.cluster.scaling import ScalingConfig
 from shunter.runtime.handles import InstanceState
+from shunter.runtime.spec import InstanceSpec
+from shunter.server.frontend import Frontend
 from shunter.server.runner import wait_until
 from tests.server.conftest import engine_requests, used_blocks
 from tests.server.test_live_migration import complete_all
@@ -37,3 +41,10 @@ def test_load_adds_an_instance_and_the_lull_after_drains_and_stops_one(start_fak
     assert gone.state is InstanceState.STOPPED
     # Stopped only once empty: its engine (loop ended) holds no request and no block.
     assert not gone.loop.engine.scheduler.requests and gone.loop.engine.scheduler.block_manager.num_used_blocks == 0
+
+
+def test_a_frontend_refuses_autoscaling_with_pd():
+    # The scaling policy reads one scheduler and adds mixed instances: not P/D-aware, so refused outright.
+    policy = build_policy("llumnix", scaling=ScalingConfig(min_instances=2, max_instances=4))
+    with pytest.raises(ValueError, match="not P/D-aware"):
+        Frontend(lambda *_: None, InstanceSpec(executor="null"), policy, "m", None, pd=(1, 1))

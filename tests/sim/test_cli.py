@@ -62,6 +62,10 @@ def _error_line(capsys, argv):
     (["--control-interval", "-1"], "--control-interval must be >= 0 seconds, got -1.0"),
     (["--priority-headroom", "-3"], "--priority-headroom must be >= 0 blocks, got -3"),
     (["--autoscale", "1:4", "--goodput", "--ttft-slo", "1"], "drop --autoscale"),
+    (["--pd", "0:2"], "--pd must be P:D with P, D >= 1 (e.g. 1:1), got '0:2'"),
+    (["--pd", "x"], "got 'x'"),
+    (["--pd", "1:1", "--autoscale", "1:3"], "--autoscale 1:3 with --pd 1:1: autoscaling is not P/D-aware"),
+    (["--pd", "2:2", "--instances", "3"], "--instances 3 with --pd 2:2: P/D runs P + D = 4 instances"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     line = _error_line(capsys, ["simulate", *argv, "--quiet"])
@@ -204,3 +208,23 @@ def test_the_shunter_bundle_scales_with_the_shunter_scaling_policy_unless_told_o
     assert json.loads(out.read_text())["config"]["policies"]["scaling"]["policy"] == "freeness"
     assert main([*base, "--policy", "llumnix"]) == 0
     assert json.loads(out.read_text())["config"]["policies"]["scaling"]["policy"] == "freeness"
+
+
+def test_pd_runs_reports_roles_and_hand_offs_and_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    argv = ["simulate", "--trace", "azure2023_conv", "--max-requests", "60", "--pd", "1:2", "--quiet"]
+    assert main([*argv, "--json", str(a)]) == 0
+    assert "P/D 1:2:" in capsys.readouterr().out
+    assert main([*argv, "--json", str(b), "--instances", "3"]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    for r in (ra, rb):
+        r.pop("simulation")
+    assert ra == rb
+    assert ra["completed"] == 60 and ra["config"]["pd"] == "1:2" and ra["config"]["instances"] == 3
+    assert [i["role"] for i in ra["instances"]] == ["prefill", "decode", "decode"]
+    pd = ra["pd"]
+    assert (pd["prefill"], pd["decode"], pd["not_handed_off"]) == (1, 2, 0)
+    assert pd["hand_offs"] > 50 and ra["migrations"] == pd["hand_offs"]
+    # Requests finish where they decode: on the decode instances, but for those whose hand-off aborted
+    # (they finished while their blocks copied) and one-token outputs.
+    assert ra["instances"][0]["requests"] == 60 - pd["hand_offs"]
