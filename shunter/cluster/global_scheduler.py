@@ -137,6 +137,13 @@ class GlobalScheduler:
         )
 
     # ---- control loop ---------------------------------------------------------------
+    def migration_orders(self, now: float, num_migrations: Callable[[str], int] = lambda _: 0) -> list[MigrationOrder]:
+        """Every migration to start at this control tick: the policy's (`control_step`) and a drain's (`drain_step`).
+
+        What both drivers call each tick, so a drained instance empties the same way in both.
+        """
+        return self.control_step(now, num_migrations) + self.drain_step(now, num_migrations)
+
     def control_step(self, now: float, num_migrations: Callable[[str], int] = lambda _: 0) -> list[MigrationOrder]:
         """One control tick over the current view: the migrations to start.
 

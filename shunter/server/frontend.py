@@ -449,8 +449,7 @@ class Frontend:
                 orders = []
                 # In P/D mode requests move prefill -> decode by hand-off only; the policies balance within a role.
                 for scheduler in self.pd.schedulers if self.pd else (self.scheduler,):
-                    orders += scheduler.control_step(now, self.migrations.num_active)
-                    orders += scheduler.drain_step(now, self.migrations.num_active)
+                    orders += scheduler.migration_orders(now, self.migrations.num_active)
             except Exception:  # a policy bug must not stop serving; it is logged and retried next tick
                 log.exception("control step failed")
                 continue

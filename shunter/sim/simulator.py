@@ -434,9 +434,8 @@ class Simulator:
                 for report in reports:
                     self.load_samples[report.instance_id].append(
                         LoadSample(now, report.num_used_blocks, report.num_running, report.num_waiting))
-            if gs.policy.migration != "none":
-                for order in gs.control_step(now, self.coordinator.num_active):
-                    self._start_migration(order, now)
+            for order in gs.migration_orders(now, self.coordinator.num_active):
+                self._start_migration(order, now)
         if self._has_pending_work():
             # k * interval rather than repeated addition: tick times do not drift.
             k = round((now - self._tick_origin()) / self.config.control_interval) + 1

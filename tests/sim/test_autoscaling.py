@@ -110,13 +110,14 @@ def test_a_drained_instance_migrates_its_requests_away_and_stops_at_once(fast_pa
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
-def test_with_migration_none_a_drained_instance_finishes_its_requests_then_stops(fast_path):
+def test_with_migration_none_a_drain_still_moves_the_requests_away_as_serving_does(fast_path):
+    # No migration policy: the cluster's drain_step (Llumnix's pairing, draining sources only) empties it.
     workload, sim, result = _drain_scenario("none", fast_path)
     assert [(t, a.drain_id) for t, a in result.scaling_actions] == [(0.5, "1")]
-    assert not result.migrations
-    on_1 = [r for r in result.records if r.instance_id == "1"]
-    assert sorted(r.request_id for r in on_1) == ["r1", "r3"]
-    assert result.instance_spans["1"].stop == max(r.finish_time for r in on_1)
+    moved = [m for m in result.migrations if m.outcome == "committed"]
+    assert sorted(m.request_id for m in moved) == ["r1", "r3"] and {m.src_id for m in moved} == {"1"}
+    assert all(r.instance_id == "0" for r in result.records)
+    assert result.instance_spans["1"].stop == max(m.end_time for m in moved)
     _assert_every_request_finished_whole(result, workload)
     _assert_nothing_left(sim)
 
@@ -157,7 +158,7 @@ def test_an_order_to_an_instance_that_has_stopped_is_refused():
     workload = [wr(f"r{i}", 0.0, 40, 120) for i in range(4)]
     scaling = ScalingConfig(1, 2, scale_up_freeness=5.0, scale_down_freeness=20.0, sustain=0.0, cooldown=0.0,
                             interval=0.5)
-    policy = build_policy("rr", scaling=scaling)  # no migration: instance 1 stops when its requests finish
+    policy = build_policy("rr", scaling=scaling)  # no migration policy: the drain moves instance 1's requests
     sim = Simulator(SimConfig(num_instances=2, scheduler=small_scheduler(num_blocks=256), policy=policy),
                     ConstantLatency(0.01), workload + [wr("late", 3.0, 40, 10)])
     sim.schedule_migration(2.5, "r0", "0", "1")
@@ -165,4 +166,6 @@ def test_an_order_to_an_instance_that_has_stopped_is_refused():
     assert result.instance_spans["1"].stop is not None and result.instance_spans["1"].stop < 2.5
     ((order, reason),) = sim.refused_orders
     assert order.dst_id == "1" and reason == "instance 1 is not up"
-    assert not result.migrations and all(r.instance_id == "0" for r in result.records if r.request_id == "late")
+    # The only migrations are the drain's, off instance 1; the refused order moved nothing.
+    assert all(m.src_id == "1" for m in result.migrations)
+    assert all(r.instance_id == "0" for r in result.records if r.request_id == "late")
