@@ -13,7 +13,8 @@ from shunter.cluster.bundles import build_policy
 from shunter.gateway.backends import BackendSpec
 from shunter.gateway.gateway import BackendProbeError
 from shunter.runtime.spec import InstanceSpec
-from shunter.server.runner import Server, ServerSettings, wait_until
+from shunter.cli import main
+from shunter.server.runner import Server, ServerSettings, free_port, wait_until
 from tests.server.conftest import MODEL, client
 
 HELLO = " hello world hello world"  # 4 tokens of an own instance
@@ -163,3 +164,13 @@ def test_a_dead_own_instances_stream_resumes_on_an_own_instance_never_on_a_backe
     assert server.frontend.metrics.registry.get_sample_value("shunter_request_resumes_total") == 1
     assert dispatches(server, "b0") == 0
 
+
+
+def test_shunter_serve_names_a_mixed_servers_backend_that_does_not_answer(capsys):
+    dead = f"http://127.0.0.1:{free_port()}"
+    argv = ["serve", "--instances", "1", "--runtime", "local", "--null-engine", "--port", str(free_port()),
+            "--backend", dead]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("shunter: error:") and f"backend {dead} does not answer" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
