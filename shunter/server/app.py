@@ -104,38 +104,11 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions", openapi_extra={"requestBody": protocol.openapi_body(CompletionRequest)})
     async def completions(request: Request) -> Response:
-        raw = await _read(request, state.access.max_body_bytes)
-        body = _parse_json(raw)
-        if _is_remote_only(state, body):
-            return await _relay(request, state, "/v1/completions", raw, body, chat=False)
-        req = protocol.parse(CompletionRequest, body)
-        protocol.check_model(req.model, state.model_names)
-        prompt = protocol.completion_prompt(req)
-        if isinstance(prompt, str):
-            prompt_ids = state.tokenizer.encode(prompt)
-        else:
-            if any(t < 0 or t >= state.tokenizer.vocab_size for t in prompt):
-                raise bad_request(f"prompt token ids must lie in [0, {state.tokenizer.vocab_size})", param="prompt")
-            prompt_ids = list(prompt)
-        gen = protocol.generation(req, req.max_tokens)
-        return await _generate(request, state, gen, prompt_ids, chat=False, raw=raw)
+        return await _serve(request, state, chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra={"requestBody": protocol.openapi_body(ChatCompletionRequest)})
     async def chat_completions(request: Request) -> Response:
-        raw = await _read(request, state.access.max_body_bytes)
-        body = _parse_json(raw)
-        if _is_remote_only(state, body):
-            return await _relay(request, state, "/v1/chat/completions", raw, body, chat=True)
-        req = protocol.parse(ChatCompletionRequest, body)
-        protocol.check_model(req.model, state.model_names)
-        messages = protocol.chat_messages(req)
-        try:
-            prompt_ids = state.tokenizer.apply_chat_template(messages)
-        except ValueError as exc:
-            raise bad_request(str(exc), param="messages") from None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        gen = protocol.generation(req, max_tokens)
-        return await _generate(request, state, gen, prompt_ids, chat=True, raw=raw)
+        return await _serve(request, state, chat=True)
 
     @app.get("/admin/instances")
     async def list_instances() -> dict:
@@ -233,16 +206,47 @@ def _admit(state: ServerState) -> None:
                                f"retry shortly", "RateLimitError", None, "too_many_requests", {"Retry-After": "1"})
 
 
+def _path(chat: bool) -> str:
+    return "/v1/chat/completions" if chat else "/v1/completions"
+
+
+async def _serve(http: Request, state: ServerState, chat: bool) -> Response:
+    """A completion or chat request: checked, tokenized and generated (or proxied: `_relay`, `_generate`)."""
+    raw = await _read(http, state.access.max_body_bytes)
+    body = _parse_json(raw)
+    if _is_remote_only(state, body):
+        return await _relay(http, state, raw, body, chat)
+    req = protocol.parse(ChatCompletionRequest if chat else CompletionRequest, body)
+    protocol.check_model(req.model, state.model_names)
+    if chat:
+        messages = protocol.chat_messages(req)
+        try:
+            prompt_ids = state.tokenizer.apply_chat_template(messages)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="messages") from None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    else:
+        prompt = protocol.completion_prompt(req)
+        if isinstance(prompt, str):
+            prompt_ids = state.tokenizer.encode(prompt)
+        else:
+            if any(t < 0 or t >= state.tokenizer.vocab_size for t in prompt):
+                raise bad_request(f"prompt token ids must lie in [0, {state.tokenizer.vocab_size})", param="prompt")
+            prompt_ids = list(prompt)
+        max_tokens = req.max_tokens
+    return await _generate(http, state, protocol.generation(req, max_tokens), prompt_ids, chat, raw)
+
+
 def _is_remote_only(state: ServerState, body: Any) -> bool:
     """Whether the body names a model that only remote backends serve (a mixed server)."""
     model = body.get("model") if isinstance(body, dict) else None
     return isinstance(model, str) and model not in state.served_model_names and model in state.remote_models
 
 
-async def _relay(http: Request, state: ServerState, path: str, raw: bytes, body: dict, chat: bool) -> Response:
+async def _relay(http: Request, state: ServerState, raw: bytes, body: dict, chat: bool) -> Response:
     """A request for a model only backends serve: proxied as the gateway does (the backend judges the body)."""
     _admit(state)
-    return await relay(state.gateway, http, path, raw, body, chat, state.gateway.next_request_id())
+    return await relay(state.gateway, http, _path(chat), raw, body, chat, state.gateway.next_request_id())
 
 
 def _refuse_remote_migration(state: ServerState, request_id: str, dst_id: str) -> None:
@@ -292,8 +296,8 @@ async def _generate(http: Request, state: ServerState, gen: Generation, prompt_i
     try:
         if state.gateway is None:
             return await answer_here(dispatch(request))
-        return await forward(state.gateway, http, "/v1/chat/completions" if chat else "/v1/completions",
-                             state.served_model_names[0], raw, gen.stream, request, dispatch, answer_here)
+        return await forward(state.gateway, http, _path(chat), state.served_model_names[0], raw, gen.stream,
+                             request, dispatch, answer_here)
     except NoInstanceError as exc:
         raise OpenAIError(503, f"no instance can take the request: {exc}") from None
 
