@@ -31,6 +31,14 @@ from shunter.cli import build_parser, main
     (["serve", "--autoscale", "1:3", "--scaling-policy", "magic"], "magic"),
     (["serve", "--migration", "teleport"], "teleport"),
     (["serve", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
+    # Backends alone (a gateway), or beside --instances N of Shunter's own (a mixed server).
+    (["serve", "--backend", "http://127.0.0.1:9", "--model", "x"], "--instances N"),
+    (["serve", "--backend", "http://127.0.0.1:9", "--migration", "llumnix"], "--instances N"),
+    (["serve", "--instances", "1", "--backend", "http://127.0.0.1:9", "--pd", "1:1"], "--pd"),
+    (["serve", "--instances", "1", "--backend", "http://127.0.0.1:9", "--autoscale", "1:2"], "--autoscale"),
+    (["serve", "--instances", "1", "--backend", "ftp://x"], "ftp://x"),
+    (["serve", "--instances", "1", "--backend", "http://127.0.0.1:9", "--backend-timeout", "0"], "--backend-timeout"),
+    (["serve", "--allow-missing-backends"], "--allow-missing-backends"),
     (["bench", "frontend", "--concurrency", "0"], "--concurrency"),
     (["bench", "vllm", "--vllm-python", "/nope/python", "--vllm-cli", "x", "--vllm-model", "y"], "/nope/python"),
 ])

@@ -8,6 +8,13 @@ cluster must. Each control tick (`control_step`) pairs instances for migration
 and returns the orders for the driver to start through the migration
 coordinator. Each scaling decision (`scaling_step`) reads the same view and
 returns the instances to add or the one to drain, for the driver to carry out.
+
+An instance may be admitted as *fixed* (`add_instance(..., movable=False)`):
+dispatch treats it like any other, but a request on it can never move, and
+no request moves onto it: it is never a migration source or destination,
+nor where a request resumes (`select_instance(..., for_move=True)`). The
+scheduler does not know why (a remote server exposes no KV blocks and no
+request state); it only keeps the set.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class GlobalScheduler:
         self.ctx = DispatchContext(rng=random.Random(seed), load=self.policy.load, prefill_seconds=prefill_seconds)
         self.instances: list[Instance] = []
         self.draining: set[str] = set()
+        self.fixed: set[str] = set()  # requests never move to or from these (see the module's docstring)
         # The dispatcher's view: each instance's last report plus what was dispatched to it since.
         self.views: dict[str, LoadReport] = {}
         self.num_dispatches = 0
@@ -57,11 +65,14 @@ class GlobalScheduler:
             self.add_instance(instance)
 
     # ---- membership (scaling adds and drains instances through these) -----------
-    def add_instance(self, instance: Instance, report: LoadReport | None = None) -> None:
-        """Admit an instance to dispatch; `report` (or one taken at time 0) seeds the dispatcher's view."""
+    def add_instance(self, instance: Instance, report: LoadReport | None = None, movable: bool = True) -> None:
+        """Admit an instance to dispatch; `report` (or one taken at time 0) seeds the dispatcher's view.
+        `movable=False`: requests never migrate to or from it, nor resume on it."""
         if any(i.instance_id == instance.instance_id for i in self.instances):
             raise ValueError(f"instance id {instance.instance_id!r} is already in use")
         self.instances.append(instance)
+        if not movable:
+            self.fixed.add(instance.instance_id)
         self.views[instance.instance_id] = report if report is not None else instance.load_report(0.0)
 
     def remove_instance(self, instance_id: str) -> Instance:
@@ -69,6 +80,7 @@ class GlobalScheduler:
         self.instances.remove(instance)
         self.views.pop(instance_id, None)
         self.draining.discard(instance_id)
+        self.fixed.discard(instance_id)
         if self.ctx.prefix is not None:
             self.ctx.prefix.forget(instance_id)
         return instance
@@ -97,12 +109,20 @@ class GlobalScheduler:
         self.update_reports(reports)
         return reports
 
+    @property
+    def taking_work(self) -> list[Instance]:
+        """The instances dispatch may pick (not draining), in order."""
+        return [i for i in self.instances if i.instance_id not in self.draining]
+
     # ---- dispatch --------------------------------------------------------------------
-    def select_instance(self, request: Request, now: float) -> Instance:
-        """The instance the dispatch policy picks for `request` from the current view."""
-        candidates = [i for i in self.instances if i.instance_id not in self.draining]
+    def select_instance(self, request: Request, now: float, for_move: bool = False) -> Instance:
+        """The instance the dispatch policy picks for `request` from the current view; with `for_move`,
+        among those a running request may move to (a request resumed after its instance failed)."""
+        candidates = [i for i in self.taking_work if not (for_move and i.instance_id in self.fixed)]
         if not candidates:
-            raise ValueError("no instance to dispatch to" if not self.instances else "every instance is draining")
+            raise ValueError("no instance to dispatch to" if not self.instances else
+                             "every instance is draining" if not self.taking_work else
+                             "no instance a request can move to takes work")
         if len(candidates) == 1:
             return candidates[0]
         reports = [self.views[i.instance_id] for i in candidates]
@@ -151,7 +171,7 @@ class GlobalScheduler:
         coordinator's count). Each paired source picks its request with the
         selection policy; high-priority requests never move away.
         """
-        if len(self.instances) < 2 or self.policy.migration == "none":
+        if len(self.movable) < 2 or self.policy.migration == "none":
             return []
         return self._orders(self.pairing_policy, num_migrations, only_draining=False)
 
@@ -162,19 +182,26 @@ class GlobalScheduler:
         instances (they are its first sources). Without one (`none`), a drain
         still moves every request away: Llumnix's pairing, draining sources only.
         """
-        if len(self.instances) < 2 or not self.draining or self.policy.migration != "none":
+        if len(self.movable) < 2 or not self.draining or self.policy.migration != "none":
             return []
         return self._orders(MIGRATION.get("llumnix"), num_migrations, only_draining=True)
 
+    @property
+    def movable(self) -> list[Instance]:
+        """The instances requests may migrate between (not fixed), in order."""
+        return [i for i in self.instances if i.instance_id not in self.fixed]
+
     def _orders(self, pairing, num_migrations: Callable[[str], int], only_draining: bool) -> list[MigrationOrder]:
+        # Fixed instances are left out before pairing: a policy never sees them, so it cannot pair one.
+        instances = self.movable
         loads = [InstanceLoad(self.views[i.instance_id], i.instance_id in self.draining, num_migrations(i.instance_id))
-                 for i in self.instances]
+                 for i in instances]
         cfg = self.policy.migration_policy
         orders = []
         for pair in pairing(loads, cfg, self.policy.load):
             if only_draining and not loads[pair.src].is_draining:
                 continue
-            source = self.instances[pair.src]
+            source = instances[pair.src]
             candidates = source.migration_candidates()
             if pair.waiting_only:
                 choice = head_of_line(candidates)
@@ -182,7 +209,7 @@ class GlobalScheduler:
                 # A draining instance sends its queue away too, whatever the policy says about waiting requests.
                 choice = self.selection_policy(candidates, cfg.move_waiting or loads[pair.src].is_draining)
             if choice is not None:
-                orders.append(MigrationOrder(choice.request_id, source.instance_id, self.instances[pair.dst].instance_id))
+                orders.append(MigrationOrder(choice.request_id, source.instance_id, instances[pair.dst].instance_id))
         return orders
 
     def scaling_step(self, now: float, num_starting: int = 0) -> ScalingAction:

@@ -8,7 +8,6 @@ came. Errors are OpenAI-style bodies, as in serving mode (`shunter.server.errors
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,6 @@ def build_app(state: GatewayState) -> FastAPI:
     install_handlers(app, on_error=count_error)
     app.add_middleware(BodyDeadline, timeout=state.timeouts.request_body)
     app.add_middleware(GuardMiddleware, policy=state.access, on_refusal=count_error)
-    request_ids = itertools.count(1)
 
     install_probe_routes(app, lambda: state.closing(),
                          lambda: None if gateway.ready_backends else "no backend is healthy", gateway.metrics.render)
@@ -77,18 +75,7 @@ def build_app(state: GatewayState) -> FastAPI:
         if gateway.num_live_requests >= state.max_live_requests:
             raise OpenAIError(429, f"the gateway has {state.max_live_requests} requests in flight, its limit; "
                                    f"retry shortly", "RateLimitError", None, "too_many_requests", {"Retry-After": "1"})
-        max_tokens = body.get("max_completion_tokens" if is_chat and "max_completion_tokens" in body else "max_tokens")
-        if type(max_tokens) is not int or max_tokens < 1:
-            max_tokens = DEFAULT_MAX_TOKENS  # the backend judges the body; dispatch needs only a size
-        request = ShunterRequest(f"gw-{next(request_ids)}", prompt_token_ids(body, is_chat),
-                                 SamplingParams(max_tokens=max_tokens), arrival_time=time.monotonic())
-        try:
-            return await forward(gateway, http, path, model, raw, body.get("stream") is True, request)
-        except UnknownModelError:
-            raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model",
-                              "model_not_found") from None
-        except NoBackendError as exc:
-            raise OpenAIError(503, str(exc)) from None
+        return await relay(gateway, http, path, raw, body, is_chat, gateway.next_request_id())
 
     @app.post("/v1/completions")
     async def completions(http: Request) -> Response:
@@ -110,3 +97,22 @@ def build_app(state: GatewayState) -> FastAPI:
             raise OpenAIError(404, f"no backend {instance_id!r}", param="instance_id") from None
 
     return app
+
+
+async def relay(gateway: Gateway, http: Request, path: str, raw: bytes, body: dict, is_chat: bool,
+                request_id: str) -> Response:
+    """Dispatch an admitted request among the backends serving its `model` (a string) and proxy `raw`, the
+    body as the client sent it, there: 404 for a model no backend serves, 503 if none takes requests now."""
+    model = body["model"]
+    max_tokens = body.get("max_completion_tokens" if is_chat and "max_completion_tokens" in body else "max_tokens")
+    if type(max_tokens) is not int or max_tokens < 1:
+        max_tokens = DEFAULT_MAX_TOKENS  # the backend judges the body; dispatch needs only a size
+    request = ShunterRequest(request_id, prompt_token_ids(body, is_chat), SamplingParams(max_tokens=max_tokens),
+                             arrival_time=time.monotonic())
+    try:
+        return await forward(gateway, http, path, model, raw, body.get("stream") is True, request)
+    except UnknownModelError:
+        raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model",
+                          "model_not_found") from None
+    except NoBackendError as exc:
+        raise OpenAIError(503, str(exc)) from None

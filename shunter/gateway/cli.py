@@ -10,14 +10,17 @@ import time
 
 from shunter.errors import CLIError
 
-# Flags of `shunter serve` that make no sense in front of remote servers, and why.
-_LOCAL_ONLY = {
+# Flags of `shunter serve` for Shunter's own instances: in a gateway only with --instances N (a mixed server).
+_OWN_INSTANCES = {
     "model": "--model (the backends load their own models)",
     "served_model_name": "--served-model-name (the backends' /v1/models name the models)",
-    "pd": "--pd (prefill/decode disaggregation moves KV caches, which remote backends cannot do)",
-    "autoscale": "--autoscale (the gateway cannot start remote servers)",
     "null_engine": "--null-engine",
     "ray_address": "--ray-address",
+}
+# Flags that make no sense beside remote servers, and why.
+_NOT_WITH_BACKENDS = {
+    "pd": "--pd (prefill/decode disaggregation moves KV caches, which remote backends cannot do)",
+    "autoscale": "--autoscale (the scaling policy would count backends that Shunter can neither start nor stop)",
 }
 
 
@@ -27,7 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Put Shunter's global scheduler in front of running OpenAI servers (vLLM, SGLang): each backend is an "
         "instance whose requests are proxied to it and whose load is scraped from its /metrics every control "
         "interval. Dispatch policies work as with local instances; live migration is NOT available for remote "
-        "backends (a drained backend gets no new requests and stops once its requests end).")
+        "backends (a drained backend gets no new requests and stops once its requests end). With --instances N "
+        "as well, the server also runs N instances of its own (--model, --runtime, ...): one OpenAI endpoint, "
+        "and one dispatch policy picks among both kinds for the own model (backends must serve it under the "
+        "same name); live migration stays among the own instances.")
     g.add_argument("--backend", action="append", default=None, metavar="URL",
                    help="an OpenAI server to dispatch to (repeat for more), e.g. http://127.0.0.1:8001")
     g.add_argument("--backends", default=None, metavar="FILE",
@@ -40,31 +46,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def is_gateway(args) -> bool:
+    """Backends are given: a gateway, or with --instances a mixed server."""
     return bool(args.backend or args.backends)
+
+
+def read_specs(args) -> list:
+    """The backends of `--backend` / `--backends`; CLIError naming a flag that cannot go with them."""
+    from shunter.gateway.backends import read_backends
+
+    for name, what in _NOT_WITH_BACKENDS.items():
+        if getattr(args, name):
+            raise CLIError(f"{what} does not apply beside remote backends (--backend/--backends)")
+    if not args.backend_timeout > 0:
+        raise CLIError(f"--backend-timeout must be positive, got {args.backend_timeout}")
+    return read_backends(args.backend, args.backends)
 
 
 def run(args) -> int:
     """`shunter serve` with backends: probe them, then serve until interrupted."""
     from shunter.cluster.bundles import BUNDLES, build_policy
     from shunter.cluster.dispatch import DISPATCH
-    from shunter.gateway.backends import read_backends
     from shunter.gateway.gateway import BackendProbeError
     from shunter.gateway.server import GatewayServer, GatewaySettings
     from shunter.server.timeouts import ConnectionTimeouts
     from shunter.server.security import AccessPolicy
 
-    for name, what in _LOCAL_ONLY.items():
+    for name, what in _OWN_INSTANCES.items():
         if getattr(args, name):
-            raise CLIError(f"{what} does not apply to remote backends (--backend/--backends)")
+            raise CLIError(f"{what} does not apply to remote backends (--backend/--backends); "
+                           f"add --instances N to run instances of Shunter's own beside them")
     if args.migration not in (None, "none"):
-        raise CLIError("live migration is not available for remote backends: use --migration none or leave it out")
+        raise CLIError("live migration is not available for remote backends: use --migration none or leave it "
+                       "out (with --instances N it moves requests among Shunter's own instances)")
     if args.policy not in BUNDLES.names():
         raise CLIError(f"unknown policy bundle {args.policy!r}: use one of {', '.join(BUNDLES.names())}")
     if args.dispatch is not None and args.dispatch not in DISPATCH.names():
         raise CLIError(f"unknown dispatch policy {args.dispatch!r}: use one of {', '.join(DISPATCH.names())}")
-    if not args.backend_timeout > 0:
-        raise CLIError(f"--backend-timeout must be positive, got {args.backend_timeout}")
-    specs = read_backends(args.backend, args.backends)
+    specs = read_specs(args)
     policy = build_policy(args.policy, dispatch=args.dispatch, migration="none")
     access = AccessPolicy(api_key=args.api_key or None, admin_key=args.admin_key or None,
                           admin_remote=args.admin_remote, max_body_bytes=args.max_request_bytes)

@@ -9,14 +9,21 @@ failed backend back into dispatch); a refused connection, or
 `HEALTH_FAILURES` bad answers in a row, take it out of dispatch and cut its
 calls in flight short. Between scrapes each scheduler adds what it dispatched
 itself to the last report, as for local instances.
+
+In a mixed server (Shunter's own instances beside the backends, see
+`shunter.server.runner`) the own instances' scheduler is handed in as
+`shared`: a backend serving the own instances' model names joins that one
+scheduler, so one dispatch policy picks among both kinds. Backends are
+always admitted as fixed instances (`movable=False`): no request migrates
+to or from them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections import Counter
 
 import aiohttp
 
@@ -27,7 +34,7 @@ from shunter.gateway.metrics import GatewayMetrics
 from shunter.gateway.remote import Call, RemoteBackend
 from shunter.gateway.scrape import Scraped, load_report, parse_metrics
 from shunter.request import Request
-from shunter.runtime.handles import InstanceState
+from shunter.runtime.handles import InstanceState, NoInstanceError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ class UnknownModelError(LookupError):
     """No backend serves this model."""
 
 
-class NoBackendError(RuntimeError):
+class NoBackendError(NoInstanceError):
     """Backends serve the model, but none takes requests now (failed or draining)."""
 
 
@@ -52,7 +59,11 @@ class Gateway:
     """Owns the backends, their schedulers and watchers, and the pooled HTTP client."""
 
     def __init__(self, specs: list[BackendSpec], policy: PolicyConfig, seed: int = 0, control_interval: float = 0.05,
-                 backend_timeout: float = 600.0, allow_missing: bool = False) -> None:
+                 backend_timeout: float = 600.0, allow_missing: bool = False, metrics: GatewayMetrics | None = None,
+                 shared: GlobalScheduler | None = None, shared_models: tuple[str, ...] = (),
+                 id_prefix: str = "") -> None:
+        """`shared`, `shared_models`: a mixed server's own instances' scheduler and the model names they serve;
+        `id_prefix` keeps the backends' ids apart from the own instances' ("b0", "b1", ...)."""
         self.specs = specs
         self.policy = policy
         self.seed = seed
@@ -60,8 +71,11 @@ class Gateway:
         self.backend_timeout = backend_timeout
         self.allow_missing = allow_missing
         self.backends: dict[str, RemoteBackend] = {}
-        self.schedulers: dict[str, GlobalScheduler] = {}
-        self.metrics = GatewayMetrics()
+        self.shared_models = shared_models
+        self.schedulers: dict[str, GlobalScheduler] = {model: shared for model in shared_models}
+        self.metrics = metrics or GatewayMetrics()
+        self.id_prefix = id_prefix
+        self._request_ids = itertools.count(1)
         self.session: aiohttp.ClientSession | None = None
         self.request_timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
                                                      sock_read=backend_timeout)
@@ -94,7 +108,8 @@ class Gateway:
             if isinstance(result, BaseException):
                 continue
             models, scraped = result
-            backend = RemoteBackend(str(len(self.backends)), spec, models, has_metrics=scraped is not False)
+            backend = RemoteBackend(f"{self.id_prefix}{len(self.backends)}", spec, models,
+                                    has_metrics=scraped is not False)
             self.backends[backend.instance_id] = backend
             self._passed(backend, scraped or None, time.monotonic())
             self._watchers[backend.instance_id] = asyncio.create_task(self._watch(backend),
@@ -120,12 +135,19 @@ class Gateway:
         if missing:
             raise BackendProbeError(f"backend {spec.url} does not serve {', '.join(missing)} "
                                     f"(it lists {', '.join(map(str, listed))})")
+        models = spec.models or tuple(listed)
+        shared = [m for m in self.shared_models if m in models]
+        if shared and len(shared) < len(self.shared_models):
+            # One scheduler dispatches every name of the own instances: a backend in it must take them all.
+            raise BackendProbeError(f"backend {spec.url} serves {', '.join(shared)} but not "
+                                    f"{', '.join(m for m in self.shared_models if m not in models)}, which this "
+                                    f"server's own instances also serve: it must serve all of those names or none")
         try:
             scraped = await self._scrape(spec.url)
         except _CheckFailed:
             scraped = False
             self.warnings.append(f"backend {spec.url} has no /metrics: its load is what the gateway sent it")
-        return spec.models or tuple(listed), scraped
+        return models, scraped
 
     async def shutdown(self) -> None:
         for task in self._watchers.values():
@@ -181,6 +203,17 @@ class Gateway:
     def num_live_requests(self) -> int:
         return self._num_calls
 
+    def next_request_id(self) -> str:
+        return f"gw-{next(self._request_ids)}"
+
+    def find_call(self, request_id: str) -> tuple[RemoteBackend, Call] | None:
+        """The backend a request is in flight on, and its call (None if none has it)."""
+        for backend in self.backends.values():
+            call = backend.calls.get(request_id)
+            if call is not None:
+                return backend, call
+        return None
+
     # ---- health ---------------------------------------------------------------------------------
     def fail(self, backend: RemoteBackend, reason: str) -> None:
         """Take `backend` out of dispatch; its calls in flight are cut short. It returns once a check passes."""
@@ -201,7 +234,7 @@ class Gateway:
         remote backends cannot move requests). KeyError for an unknown id."""
         backend = self.backends[instance_id]
         if backend.state is InstanceState.READY:
-            for scheduler in self._schedulers_of(backend):
+            for scheduler in self.schedulers_of(backend):
                 scheduler.drain(instance_id)
             backend.state = InstanceState.DRAINING
             if not backend.calls:
@@ -267,30 +300,35 @@ class Gateway:
             for model in backend.models:
                 if model not in self.schedulers:
                     self.schedulers[model] = GlobalScheduler(policy=self.policy, seed=self.seed)
-                self.schedulers[model].add_instance(backend, report)
+            for scheduler in _distinct(self.schedulers[model] for model in backend.models):
+                scheduler.add_instance(backend, report, movable=False)
             self._update_state_gauge()
         elif backend.state is InstanceState.STOPPED:
             return
         else:
             # Requests sent after the scrape began may not be in it yet: count them again, as dispatch did.
             recent = backend.dispatched_since(started)
-            for scheduler in self._schedulers_of(backend):
+            for scheduler in self.schedulers_of(backend):
                 scheduler.update_reports([report])
                 for request in recent:
                     scheduler.count_incoming(request, backend.instance_id)
         self.metrics.observe_backend(backend, report)
 
-    def _schedulers_of(self, backend: RemoteBackend) -> list[GlobalScheduler]:
-        return [s for s in self.schedulers.values() if backend.instance_id in s.views]
+    def schedulers_of(self, backend: RemoteBackend) -> list[GlobalScheduler]:
+        """The schedulers dispatching to `backend` (one per model it serves, a shared one once)."""
+        return _distinct(s for s in self.schedulers.values() if backend.instance_id in s.views)
 
     def _leave_dispatch(self, backend: RemoteBackend) -> None:
-        for scheduler in self._schedulers_of(backend):
+        for scheduler in self.schedulers_of(backend):
             scheduler.remove_instance(backend.instance_id)
         self.metrics.forget_backend(backend)
 
     def _update_state_gauge(self) -> None:
-        counts = Counter(b.state.value for b in self.backends.values())
-        self.metrics.set_instance_states({s.value: counts.get(s.value, 0) for s in InstanceState})
+        self.metrics.count_instances("remote", (b.state for b in self.backends.values()))
+
+
+def _distinct(schedulers) -> list[GlobalScheduler]:
+    return list({id(s): s for s in schedulers}.values())
 
 
 class _CheckFailed(Exception):

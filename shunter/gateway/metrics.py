@@ -15,10 +15,12 @@ from shunter.server.metrics import ServerMetrics
 
 
 class GatewayMetrics(ServerMetrics):
-    """`ServerMetrics` labelled by each request's model, plus what only a gateway has."""
+    """`ServerMetrics` labelled by each request's model, plus what only a gateway has.
 
-    def __init__(self) -> None:
-        super().__init__(model_name="")
+    `model_name` labels what the own instances of a mixed server observe (a gateway has none)."""
+
+    def __init__(self, model_name: str = "") -> None:
+        super().__init__(model_name)
         r = self.registry
         self.backend_errors = Counter("shunter_backend_errors", "Failed backend calls, by backend and kind.",
                                       ["engine", "kind"], registry=r)

@@ -8,8 +8,8 @@
 - A backend that refuses the connection or drops it (or fails its health
   check while the request waits) is taken out of dispatch, and the request,
   if nothing of its answer has reached the client yet, is sent once more to
-  another backend. A stream already started ends with an error event and
-  `[DONE]`, never a hang.
+  another backend (in a mixed server, maybe one of Shunter's own instances).
+  A stream already started ends with an error event and `[DONE]`, never a hang.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import asyncio
 import json
 import re
 import time
+from typing import Awaitable, Callable
 
 import aiohttp
 from fastapi.responses import Response
 
-from shunter.gateway.gateway import Gateway, NoBackendError
+from shunter.gateway.gateway import Gateway
 from shunter.gateway.remote import Call, RemoteBackend
+from shunter.request import Request
+from shunter.runtime.handles import InstanceHandle, NoInstanceError
 from shunter.server.errors import OpenAIError
 
 DISCONNECT_CHECK_S = 0.5  # how often a request waiting for its backend checks that its client is still there
@@ -37,23 +40,33 @@ class _BackendLost(Exception):
     """The backend failed before any of the answer reached the client: the request may be retried elsewhere."""
 
 
-async def forward(gateway: Gateway, http, path: str, model: str, body: bytes, stream: bool, request) -> Response:
-    """Dispatch `request` (the dispatch view of the body) among `model`'s backends and proxy `body` there;
-    once more elsewhere if the first backend is lost before answering."""
+async def forward(gateway: Gateway, http, path: str, model: str, body: bytes, stream: bool, request,
+                  dispatch: Callable[[Request], InstanceHandle] | None = None,
+                  serve_own: Callable[[InstanceHandle], Awaitable[Response]] | None = None) -> Response:
+    """Dispatch `request` (the dispatch view of the body) and proxy `body` to the backend picked; once more
+    elsewhere if that backend is lost before answering.
+
+    `dispatch(request)` picks the instance and counts the request there (default: among `model`'s backends);
+    NoInstanceError when none takes it. In a mixed server it may pick one of Shunter's own instances:
+    `serve_own(handle)` answers the request there.
+    """
+    dispatch = dispatch or (lambda r: gateway.dispatch(model, r))
     failures = []
     for _ in range(2):
         try:
-            backend = gateway.dispatch(model, request)
-        except NoBackendError:
+            handle = dispatch(request)
+        except NoInstanceError:
             if not failures:
                 raise
             break  # the backend that failed was the only one
+        if not isinstance(handle, RemoteBackend):
+            return await serve_own(handle)
         try:
-            return await _attempt(gateway, http, backend, path, model, body, stream, request)
+            return await _attempt(gateway, http, handle, path, model, body, stream, request)
         except _BackendLost as exc:
             failures.append(str(exc))
             if len(failures) == 1:
-                gateway.metrics.retries.labels(backend.instance_id).inc()
+                gateway.metrics.retries.labels(handle.instance_id).inc()
     raise OpenAIError(502, f"the request failed: {'; then '.join(failures)}")
 
 

@@ -47,6 +47,8 @@ class Call:
 class RemoteBackend(InstanceHandle):
     """A backend behind the gateway: URL, the models it serves, state, last report, calls in flight."""
 
+    kind = "remote"
+
     def __init__(self, instance_id: str, spec: BackendSpec, models: tuple[str, ...], has_metrics: bool) -> None:
         super().__init__(instance_id, spec=None, role="mixed")
         self.backend = spec

@@ -26,6 +26,10 @@ from shunter.runtime.engine_loop import EngineLoop, StepMessage
 from shunter.runtime.spec import InstanceSpec, build_engine
 
 
+class NoInstanceError(RuntimeError):
+    """No instance can take a request now (none ready, or all draining)."""
+
+
 class InstanceDied(RuntimeError):
     """The instance's process (or, in-process, its loop thread) is gone."""
 
@@ -48,7 +52,14 @@ class InstanceState(str, enum.Enum):
 
 
 class InstanceHandle:
-    """One instance as the frontend sees it: id, role, state, limits, last report."""
+    """One instance as the frontend sees it: id, role, state, limits, last report.
+
+    `kind` is "shunter" for Shunter's own instances (an engine loop in this
+    process or a Ray actor: token ids stream back, requests can migrate) and
+    "remote" for a remote OpenAI server (`shunter.gateway.remote`).
+    """
+
+    kind = "shunter"
 
     def __init__(self, instance_id: str, spec: InstanceSpec, role: str = "mixed") -> None:
         self.instance_id = instance_id
@@ -114,6 +125,7 @@ class InstanceHandle:
         """The admin API's view of this instance."""
         return {
             "id": self.instance_id,
+            "kind": self.kind,
             "role": self.role,
             "state": self.state.value,
             "load": self.last_report.to_json() if self.last_report is not None else None,

@@ -5,6 +5,13 @@ and turn its stream of token events into text (incrementally detokenized here,
 stop strings matched here) and into OpenAI's response or SSE chunks. A client
 that goes away mid-request has its request aborted on the instance that owns
 it; nothing is allocated anywhere for a request that fails its checks.
+
+A mixed server (`ServerState.gateway`: remote backends beside the own
+instances) checks and tokenizes a request for the own instances' model all
+the same, and the one dispatch policy picks among own instances and the
+backends serving that model: a backend picked gets the body as the client
+sent it (`shunter.gateway.proxy`). A request for a model only backends serve
+is proxied as in gateway mode (the backend judges it).
 """
 
 from __future__ import annotations
@@ -23,6 +30,11 @@ from shunter.model.tokenizer import Tokenizer
 from shunter.server import protocol
 from shunter.server.errors import OpenAIError, bad_request, install_handlers
 from shunter.cluster.migration import MigrationRefused
+from shunter.gateway.app import relay
+from shunter.gateway.gateway import Gateway
+from shunter.gateway.proxy import forward
+from shunter.gateway.remote import NO_MIGRATION, RemoteBackend
+from shunter.runtime.handles import InstanceHandle
 from shunter.server.frontend import Frontend, NoInstanceError, UnknownInstanceError, UnknownRequestError
 from shunter.server.probes import install_probe_routes
 from shunter.server.protocol import ChatCompletionRequest, CompletionRequest, Generation
@@ -48,6 +60,22 @@ class ServerState:
     timeouts: ConnectionTimeouts = field(default_factory=ConnectionTimeouts)
     max_live_requests: int = 1024
     closing: Callable[[], bool] = lambda: False  # the server is shutting down: no new work
+    gateway: Gateway | None = None  # remote backends beside the own instances (a mixed server)
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every model served: the own instances' names, then the backends' other ones."""
+        return self.served_model_names + [m for m in self.remote_models if m not in self.served_model_names]
+
+    @property
+    def remote_models(self) -> list[str]:
+        return self.gateway.models if self.gateway is not None else []
+
+    def num_live_requests(self) -> int:
+        return self.frontend.num_live_requests() + (self.gateway.num_live_requests if self.gateway else 0)
+
+    def backend(self, instance_id: str) -> RemoteBackend | None:
+        return self.gateway.backends.get(instance_id) if self.gateway is not None else None
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -59,46 +87,33 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(GuardMiddleware, policy=state.access, on_refusal=count_error)
     app.add_middleware(BodyDeadline, timeout=state.timeouts.request_body)
 
-    install_probe_routes(app, lambda: state.closing(),
-                         lambda: None if state.frontend.ready_instances else "no instance is ready",
-                         state.frontend.metrics.render)
+    def not_ready() -> str | None:
+        if state.frontend.ready_instances or (state.gateway is not None and state.gateway.ready_backends):
+            return None
+        return "no instance is ready"
+
+    install_probe_routes(app, lambda: state.closing(), not_ready, state.frontend.metrics.render)
 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "shunter", "root": state.served_model_names[0],
-             "max_model_len": state.max_model_len} for name in state.served_model_names]}
+             "max_model_len": state.max_model_len} for name in state.served_model_names] + [
+            {"id": name, "object": "model", "created": 0, "owned_by": "shunter"}
+            for name in state.model_names[len(state.served_model_names):]]}
 
     @app.post("/v1/completions", openapi_extra={"requestBody": protocol.openapi_body(CompletionRequest)})
     async def completions(request: Request) -> Response:
-        req = protocol.parse(CompletionRequest, await _json(request, state.access.max_body_bytes))
-        protocol.check_model(req.model, state.served_model_names)
-        prompt = protocol.completion_prompt(req)
-        if isinstance(prompt, str):
-            prompt_ids = state.tokenizer.encode(prompt)
-        else:
-            if any(t < 0 or t >= state.tokenizer.vocab_size for t in prompt):
-                raise bad_request(f"prompt token ids must lie in [0, {state.tokenizer.vocab_size})", param="prompt")
-            prompt_ids = list(prompt)
-        gen = protocol.generation(req, req.max_tokens)
-        return await _generate(request, state, gen, prompt_ids, chat=False)
+        return await _serve(request, state, chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra={"requestBody": protocol.openapi_body(ChatCompletionRequest)})
     async def chat_completions(request: Request) -> Response:
-        req = protocol.parse(ChatCompletionRequest, await _json(request, state.access.max_body_bytes))
-        protocol.check_model(req.model, state.served_model_names)
-        messages = protocol.chat_messages(req)
-        try:
-            prompt_ids = state.tokenizer.apply_chat_template(messages)
-        except ValueError as exc:
-            raise bad_request(str(exc), param="messages") from None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        gen = protocol.generation(req, max_tokens)
-        return await _generate(request, state, gen, prompt_ids, chat=True)
+        return await _serve(request, state, chat=True)
 
     @app.get("/admin/instances")
     async def list_instances() -> dict:
-        return {"instances": [h.describe() for h in state.frontend.handles.values()]}
+        backends = state.gateway.backends.values() if state.gateway is not None else ()
+        return {"instances": [h.describe() for h in [*state.frontend.handles.values(), *backends]]}
 
     @app.post("/admin/instances", status_code=201)
     async def add_instance(request: Request) -> dict:
@@ -117,26 +132,34 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/admin/instances/{instance_id}/drain")
     async def drain(instance_id: str) -> dict:
         frontend = state.frontend
+        backend = state.backend(instance_id)
         try:
-            handle = frontend.get_handle(instance_id)
+            handle = backend or frontend.get_handle(instance_id)
         except UnknownInstanceError:
             raise OpenAIError(404, f"no instance {instance_id!r}", param="instance_id") from None
-        if [h.instance_id for h in frontend.ready_instances if h.role == handle.role] == [instance_id]:
+        schedulers = state.gateway.schedulers_of(backend) if backend else [frontend.scheduler_for(handle)]
+        if any([i.instance_id for i in s.taking_work] == [instance_id] for s in schedulers):
             raise OpenAIError(409, f"instance {instance_id} is the last {handle.role} instance taking work: "
                                    f"add one before draining it", "ConflictError", "instance_id")
-        return frontend.drain(handle.instance_id).describe()
+        # A backend stops once its requests end (they cannot move); an own instance's requests migrate away.
+        return (state.gateway.drain(instance_id) if backend else frontend.drain(instance_id)).describe()
 
     @app.get("/admin/requests")
     async def list_requests() -> dict:
+        calls = [(b, call) for b in state.gateway.backends.values() for call in b.calls.values()] \
+            if state.gateway is not None else []
         return {"requests": [{"id": rid, "instance": s.instance_id, "num_output_tokens": s.next_index,
                               "migrating": state.frontend.migrations.is_busy(rid)}
-                             for rid, s in state.frontend.streams.items()]}
+                             for rid, s in state.frontend.streams.items()] + [
+                            {"id": call.request.request_id, "instance": b.instance_id, "num_output_tokens": None,
+                             "migrating": False} for b, call in calls]}
 
     @app.post("/admin/requests/{request_id}/migrate")
     async def migrate(request_id: str, request: Request) -> dict:
         body = await _json(request)
         if not isinstance(body, dict) or not isinstance(body.get("to"), str):
             raise bad_request('the body must be {"to": "<instance id>"}', param="to")
+        _refuse_remote_migration(state, request_id, body["to"])
         try:
             m = await state.frontend.migrate(request_id, body["to"])
         except UnknownRequestError:
@@ -150,7 +173,7 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def _json(request: Request, max_bytes: int = 4 << 20) -> Any:
+async def _read(request: Request, max_bytes: int = 4 << 20) -> bytes:
     # Read in chunks: a body sent without a Content-Length (chunked) is refused as soon as it passes the
     # limit, not held in memory whole (the rest is not read: the connection is closed).
     chunks, size = [], 0
@@ -160,15 +183,89 @@ async def _json(request: Request, max_bytes: int = 4 << 20) -> Any:
             raise OpenAIError(413, f"the request body has more than {max_bytes} bytes, the limit",
                               headers={"Connection": "close"})
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
-async def _generate(http: Request, state: ServerState, gen: Generation, prompt_ids: list[int], chat: bool) -> Response:
-    """Check the lengths, dispatch, and answer streamed or whole."""
+async def _json(request: Request, max_bytes: int = 4 << 20) -> Any:
+    return _parse_json(await _read(request, max_bytes))
+
+
+def _admit(state: ServerState) -> None:
+    """503 while shutting down; 429 at the in-flight limit."""
+    if state.closing():
+        raise OpenAIError(503, "the server is shutting down: it takes no new requests")
+    if state.num_live_requests() >= state.max_live_requests:
+        raise OpenAIError(429, f"the server has {state.max_live_requests} requests in flight, its limit; "
+                               f"retry shortly", "RateLimitError", None, "too_many_requests", {"Retry-After": "1"})
+
+
+def _path(chat: bool) -> str:
+    return "/v1/chat/completions" if chat else "/v1/completions"
+
+
+async def _serve(http: Request, state: ServerState, chat: bool) -> Response:
+    """A completion or chat request: checked, tokenized and generated (or proxied: `_relay`, `_generate`)."""
+    raw = await _read(http, state.access.max_body_bytes)
+    body = _parse_json(raw)
+    if _is_remote_only(state, body):
+        return await _relay(http, state, raw, body, chat)
+    req = protocol.parse(ChatCompletionRequest if chat else CompletionRequest, body)
+    protocol.check_model(req.model, state.model_names)
+    if chat:
+        messages = protocol.chat_messages(req)
+        try:
+            prompt_ids = state.tokenizer.apply_chat_template(messages)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="messages") from None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    else:
+        prompt = protocol.completion_prompt(req)
+        if isinstance(prompt, str):
+            prompt_ids = state.tokenizer.encode(prompt)
+        else:
+            if any(t < 0 or t >= state.tokenizer.vocab_size for t in prompt):
+                raise bad_request(f"prompt token ids must lie in [0, {state.tokenizer.vocab_size})", param="prompt")
+            prompt_ids = list(prompt)
+        max_tokens = req.max_tokens
+    return await _generate(http, state, protocol.generation(req, max_tokens), prompt_ids, chat, raw)
+
+
+def _is_remote_only(state: ServerState, body: Any) -> bool:
+    """Whether the body names a model that only remote backends serve (a mixed server)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    return isinstance(model, str) and model not in state.served_model_names and model in state.remote_models
+
+
+async def _relay(http: Request, state: ServerState, raw: bytes, body: dict, chat: bool) -> Response:
+    """A request for a model only backends serve: proxied as the gateway does (the backend judges the body)."""
+    _admit(state)
+    return await relay(state.gateway, http, _path(chat), raw, body, chat, state.gateway.next_request_id())
+
+
+def _refuse_remote_migration(state: ServerState, request_id: str, dst_id: str) -> None:
+    """409 for a migration from or to a remote backend, naming why."""
+    found = state.gateway.find_call(request_id) if state.gateway is not None else None
+    if found is not None:
+        backend = found[0]
+        raise OpenAIError(409, f"request {request_id!r} runs on remote backend {backend.instance_id} "
+                               f"({backend.url}): {NO_MIGRATION}", "ConflictError", "request_id")
+    backend = state.backend(dst_id)
+    if backend is not None and request_id in state.frontend.streams:  # (an unknown request is a 404 first)
+        raise OpenAIError(409, f"instance {dst_id} is a remote backend ({backend.url}): {NO_MIGRATION}",
+                          "ConflictError", "to")
+
+
+async def _generate(http: Request, state: ServerState, gen: Generation, prompt_ids: list[int], chat: bool,
+                    raw: bytes) -> Response:
+    """Check the lengths, dispatch, and answer streamed or whole (or, picked by dispatch in a mixed server,
+    proxy `raw` to a remote backend)."""
     n = len(prompt_ids)
     if n >= state.max_model_len:
         raise bad_request(f"the prompt has {n} tokens; this model's context is {state.max_model_len} tokens "
@@ -179,21 +276,30 @@ async def _generate(http: Request, state: ServerState, gen: Generation, prompt_i
     elif n + params.max_tokens > state.max_model_len:
         raise bad_request(f"max_tokens {params.max_tokens} + prompt of {n} tokens exceeds this model's context of "
                           f"{state.max_model_len} tokens", param="max_tokens")
-    if state.closing():
-        raise OpenAIError(503, "the server is shutting down: it takes no new requests")
-    if state.frontend.num_live_requests() >= state.max_live_requests:
-        raise OpenAIError(429, f"the server has {state.max_live_requests} requests in flight, its limit; "
-                               f"retry shortly", "RateLimitError", None, "too_many_requests", {"Retry-After": "1"})
+    _admit(state)
+    frontend = state.frontend
+    request = frontend.new_request(prompt_ids, params, gen.priority)
+
+    def dispatch(r) -> InstanceHandle:
+        try:
+            return frontend.dispatch(r)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+
+    async def answer_here(handle: InstanceHandle) -> Response:
+        stream = frontend.streams[request.request_id]
+        answer = _Answer(state, gen, request.request_id, n, chat, params.stop)
+        if gen.stream:
+            return StreamingResponse(answer.sse(stream), media_type="text/event-stream")
+        return JSONResponse(await answer.whole(stream, http))
+
     try:
-        stream = state.frontend.submit(prompt_ids, params, gen.priority)
+        if state.gateway is None:
+            return await answer_here(dispatch(request))
+        return await forward(state.gateway, http, _path(chat), state.served_model_names[0], raw, gen.stream,
+                             request, dispatch, answer_here)
     except NoInstanceError as exc:
         raise OpenAIError(503, f"no instance can take the request: {exc}") from None
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
-    answer = _Answer(state, gen, stream.request_id, n, chat, params.stop)
-    if gen.stream:
-        return StreamingResponse(answer.sse(stream), media_type="text/event-stream")
-    return JSONResponse(await answer.whole(stream, http))
 
 
 class _Answer:

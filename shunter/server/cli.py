@@ -5,6 +5,8 @@
     shunter serve --ray-address auto               # join a running Ray cluster (instances on other machines)
     shunter serve --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002 --dispatch prefix
                                                    # gateway in front of running vLLM / SGLang servers
+    shunter serve --instances 2 --backend http://127.0.0.1:8001
+                                                   # 2 own instances and a vLLM server, one endpoint, one policy
 
 Flags that `vllm serve` also has mean the same here.
 """
@@ -40,7 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: sized for the device)")
     p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
                    help="turn prefix caching off")
-    p.add_argument("--instances", type=int, default=None, help="instances to start (default 2; with --pd, P + D)")
+    p.add_argument("--instances", type=int, default=None,
+                   help="instances to start (default 2; with --pd, P + D; with --backend/--backends none unless "
+                        "given, and then they serve beside the backends)")
     p.add_argument("--pd", default=None, metavar="P:D",
                    help="prefill/decode disaggregation: P prefill and D decode instances (P + D instances in all); "
                         "each request prefills on a prefill instance and migrates to a decode instance after its "
@@ -118,9 +122,10 @@ def run(args) -> int:
     from shunter.runtime.spec import InstanceSpec
 
     _check_args(args)
-    if gateway_cli.is_gateway(args):
+    backends = gateway_cli.is_gateway(args)
+    if backends and args.instances is None:
         return gateway_cli.run(args)
-    if args.allow_missing_backends:
+    if args.allow_missing_backends and not backends:
         raise CLIError("--allow-missing-backends needs --backend or --backends")
     if args.policy not in BUNDLES.names():
         raise CLIError(f"unknown policy bundle {args.policy!r}: use one of {', '.join(BUNDLES.names())}")
@@ -128,6 +133,8 @@ def run(args) -> int:
         raise CLIError(f"unknown dispatch policy {args.dispatch!r}: use one of {', '.join(DISPATCH.names())}")
     if args.migration is not None and args.migration not in MIGRATION.names():
         raise CLIError(f"unknown migration policy {args.migration!r}: use one of {', '.join(MIGRATION.names())}")
+    # A mixed server: own instances and remote backends under one dispatch policy.
+    specs = gateway_cli.read_specs(args) if backends else []
     scaling = parse_autoscale(args.autoscale, args.scaling_policy, args.policy)
     pd = parse_pd(args.pd, instances=args.instances, autoscale=args.autoscale)
     policy = build_policy(args.policy, dispatch=args.dispatch, migration=args.migration, scaling=scaling)
@@ -173,18 +180,31 @@ def run(args) -> int:
                               migration_stage_timeout=args.migration_stage_timeout,
                               instance_timeout=args.instance_timeout,
                               served_model_names=names, log_level=args.log_level, seed=args.seed,
-                              control_interval=args.control_interval)
+                              control_interval=args.control_interval, backends=tuple(specs),
+                              backend_timeout=args.backend_timeout,
+                              allow_missing_backends=args.allow_missing_backends)
     server = Server(settings, spec, policy, tokenizer, model_len,
                     ray_handles if args.runtime == "ray" else local_handles)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def ready(srv: Server) -> None:
+        gw = srv.gateway
+        for warning in gw.warnings if gw is not None else ():
+            print(f"shunter: warning: {warning}", file=sys.stderr)
+        beside = "" if gw is None else (
+            f" and {len(gw.backends)} remote backend(s) ({', '.join(b.url for b in gw.backends.values())}; "
+            f"models {', '.join(srv.state.model_names)}; migration among own instances only)")
         print(f"shunter: serving {names[0]} on {srv.url} with {args.instances} instance(s) "
               f"({args.runtime}, {threads} thread(s) each, dispatch {policy.dispatch}, migration {policy.migration}"
-              f"{f', P/D {pd}' if pd else ''}); "
+              f"{f', P/D {pd}' if pd else ''}){beside}; "
               f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
-    asyncio.run(server.serve(on_ready=ready))
+    from shunter.gateway.gateway import BackendProbeError
+
+    try:
+        asyncio.run(server.serve(on_ready=ready))
+    except BackendProbeError as exc:
+        raise CLIError(str(exc)) from None
     return 0
 
 
@@ -195,7 +215,9 @@ NULL_ENGINE_TEXT = " The quick brown fox jumps over the lazy dog."
 def _check_args(args) -> None:
     for name in ("port", "instances", "max_num_seqs", "max_num_batched_tokens", "block_size"):
         value = getattr(args, name)
-        if value is not None and value <= 0 or (name == "port" and value > 65535):
+        if value is None:
+            continue  # --instances: its default depends on --pd and --backend
+        if value <= 0 or (name == "port" and value > 65535):
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer{' up to 65535' if name == 'port' else ''}, got {value}")
     for name in ("max_request_bytes", "max_live_requests"):
         if getattr(args, name) <= 0:

@@ -10,6 +10,11 @@ stop-string finishes go to the instance that owns it.
 Everything here runs on the server's asyncio loop; the scheduling decisions
 are the cluster code's (`GlobalScheduler`, the registered policies), the same
 objects the simulator drives.
+
+In a mixed server the dispatching scheduler also holds remote backends, which
+the gateway (`shunter.gateway.gateway`) admits, watches and removes; the
+frontend owns only its own instances (`handles`). The scheduler holds the
+backends as fixed instances, so migrations and resumes stay among the own ones.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter
 from concurrent.futures import Future
 from typing import AsyncIterator, Callable
 
@@ -29,7 +33,7 @@ from shunter.cluster.global_scheduler import GlobalScheduler, MigrationOrder
 from shunter.cluster.migration import Migration, MigrationConfig, MigrationCoordinator, MigrationRefused
 from shunter.engine.scheduler import RequestState
 from shunter.request import Request, SamplingParams, TokenDelta
-from shunter.runtime.handles import InstanceHandle, InstanceState
+from shunter.runtime.handles import InstanceHandle, InstanceState, NoInstanceError  # noqa: F401 (re-exported)
 from shunter.runtime.migration_driver import MigrationDriver
 from shunter.runtime.spec import InstanceSpec
 from shunter.server.metrics import ServerMetrics
@@ -39,10 +43,6 @@ log = logging.getLogger(__name__)
 
 HandleFactory = Callable[[str, InstanceSpec], InstanceHandle]
 POLL_TIMEOUT = 1.0  # seconds a poll waits for a message; reports arrive far more often
-
-
-class NoInstanceError(RuntimeError):
-    """No instance can take a request now (none ready, or all draining)."""
 
 
 class InstanceUnresponsive(RuntimeError):
@@ -63,7 +63,8 @@ class Frontend:
     def __init__(self, make_handle: HandleFactory, spec: InstanceSpec, policy: PolicyConfig, model_name: str,
                  eos_token_id: int | None, seed: int = 0, control_interval: float = 0.05,
                  migration: MigrationConfig | None = None, pd: PDSplit | tuple[int, int] | None = None,
-                 restart_failed: bool = False, stage_timeout: float = 10.0, instance_timeout: float = 60.0) -> None:
+                 restart_failed: bool = False, stage_timeout: float = 10.0, instance_timeout: float = 60.0,
+                 metrics: ServerMetrics | None = None) -> None:
         self.make_handle = make_handle
         self.spec = spec
         self.policy = policy
@@ -73,7 +74,7 @@ class Frontend:
         # (`scheduler` is then the prefill one); after its first token each is handed off to a decode instance.
         self.pd = Disaggregation(pd, policy, seed) if pd else None
         self.scheduler = self.pd.prefill if self.pd else GlobalScheduler(policy=policy, seed=seed)
-        self.metrics = ServerMetrics(model_name)
+        self.metrics = metrics or ServerMetrics(model_name)
         self.handles: dict[str, InstanceHandle] = {}
         self.streams: dict[str, RequestStream] = {}
         self._pumps: dict[str, asyncio.Task] = {}
@@ -118,12 +119,13 @@ class Frontend:
 
     def _register(self, handle: InstanceHandle) -> None:
         """Admit a started instance to dispatch and start its pump."""
-        self._scheduler_for(handle).add_instance(handle, handle.last_report)
+        self.scheduler_for(handle).add_instance(handle, handle.last_report)
         self.metrics.observe_report(handle.last_report)
         self._pumps[handle.instance_id] = asyncio.create_task(self._pump(handle), name=f"pump-{handle.instance_id}")
         self._update_state_gauge()
 
-    def _scheduler_for(self, handle: InstanceHandle) -> GlobalScheduler:
+    def scheduler_for(self, handle: InstanceHandle) -> GlobalScheduler:
+        """The scheduler dispatching to an own instance (P/D: decode instances have their own)."""
         return self.pd.scheduler_for(handle.role) if self.pd else self.scheduler
 
     async def start(self, num_instances: int) -> None:
@@ -153,14 +155,13 @@ class Frontend:
         """Take no new work on the instance; the control loop's drain orders move its requests away."""
         handle = self.get_handle(instance_id)
         if handle.state is InstanceState.READY:
-            self._scheduler_for(handle).drain(instance_id)
+            self.scheduler_for(handle).drain(instance_id)
             handle.state = InstanceState.DRAINING
             self._update_state_gauge()
         return handle
 
     def _update_state_gauge(self) -> None:
-        counts = Counter(h.state.value for h in self.handles.values())
-        self.metrics.set_instance_states({s.value: counts.get(s.value, 0) for s in InstanceState})
+        self.metrics.count_instances("shunter", (h.state for h in self.handles.values()))
 
     @property
     def ready_instances(self) -> list[InstanceHandle]:
@@ -182,28 +183,38 @@ class Frontend:
 
     # ---- requests ----------------------------------------------------------------------------
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> RequestStream:
-        """Dispatch a validated request; ValueError (nothing sent) if it cannot run, NoInstanceError if nothing can take it."""
+        """Dispatch a validated request to one of the own instances (a server without remote backends);
+        ValueError (nothing sent) if it cannot run, NoInstanceError if nothing can take it."""
+        request = self.new_request(prompt_token_ids, params, priority)
+        self.dispatch(request)
+        return self.streams[request.request_id]
+
+    def new_request(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> Request:
         now = time.monotonic()
-        request = Request(
-            request_id=f"cmpl-{next(self._request_ids)}-{int(now * 1000) % 100000}",
-            prompt_token_ids=prompt_token_ids,
-            sampling_params=params,
-            arrival_time=now,
-            priority=priority,
-            eos_token_id=self.eos_token_id,
-        )
+        return Request(request_id=f"cmpl-{next(self._request_ids)}-{int(now * 1000) % 100000}",
+                       prompt_token_ids=prompt_token_ids, sampling_params=params, arrival_time=now,
+                       priority=priority, eos_token_id=self.eos_token_id)
+
+    def dispatch(self, request: Request) -> InstanceHandle:
+        """The instance the dispatch policy picks for `request`, which is then on its way there: one of
+        the own instances has it queued and its stream open (`streams[request.request_id]`); a remote
+        backend (a mixed server's) has it counted in the view, and the caller proxies it.
+
+        ValueError (nothing sent) if it cannot run on the instance picked; NoInstanceError if nothing can take it.
+        """
         try:
-            handle = self.scheduler.select_instance(request, now)
+            handle = self.scheduler.select_instance(request, time.monotonic())
         except ValueError as exc:
             raise NoInstanceError(str(exc)) from None
         # Validate before the owner map knows it: a refused request leaves nothing anywhere.
         handle.validate(request)
-        stream = RequestStream(request.request_id, handle.instance_id, request.num_prompt_tokens, now,
-                               request=request, handoff_pending=self.pd is not None)
-        self.streams[request.request_id] = stream
+        if handle.instance_id in self.handles:  # one of ours: its tokens come back through our pumps
+            self.streams[request.request_id] = RequestStream(
+                request.request_id, handle.instance_id, request.num_prompt_tokens, request.arrival_time,
+                request=request, handoff_pending=self.pd is not None)
         self.scheduler.assign(request, handle)
         self.metrics.dispatches.labels(self.policy.dispatch, handle.instance_id).inc()
-        return stream
+        return handle
 
     async def events(self, stream: RequestStream) -> AsyncIterator[StreamEvent]:
         """The stream's events until it finishes (the last one carries the finish reason).
@@ -286,7 +297,7 @@ class Frontend:
                         handle.last_report = message.report
                         if message.candidates is not None:
                             handle.candidates = message.candidates
-                        self._scheduler_for(handle).update_reports([message.report])
+                        self.scheduler_for(handle).update_reports([message.report])
                         self.metrics.observe_report(message.report)
                     for delta in message.deltas:
                         self._deliver(delta, message.errors.get(delta.request_id))
@@ -321,7 +332,7 @@ class Frontend:
         log.error("instance %s failed: %s", handle.instance_id, exc)
         handle.state = InstanceState.FAILED
         handle.error = f"{type(exc).__name__}: {exc}"
-        scheduler = self._scheduler_for(handle)
+        scheduler = self.scheduler_for(handle)
         if handle.instance_id in scheduler.views:
             scheduler.remove_instance(handle.instance_id)
         self._scaling_down.discard(handle.instance_id)
@@ -350,7 +361,7 @@ class Frontend:
         handle, problem = None, "no healthy instance can take it"
         for scheduler in self._schedulers_for_resume(failed_id):
             try:
-                handle = scheduler.select_instance(request, time.monotonic())
+                handle = scheduler.select_instance(request, time.monotonic(), for_move=True)
                 handle.resume_request(state)
             except ValueError as exc:
                 handle, problem = None, str(exc)
@@ -497,7 +508,7 @@ class Frontend:
             return
         has_requests = (handle.has_unfinished_requests
                         or any(s.instance_id == instance_id for s in self.streams.values()))
-        if not stop_if_drained(self._scheduler_for(handle), instance_id, has_requests=has_requests,
+        if not stop_if_drained(self.scheduler_for(handle), instance_id, has_requests=has_requests,
                                num_migrations=self.migrations.num_active(instance_id)):
             return
         self._scaling_down.discard(instance_id)

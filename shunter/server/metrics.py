@@ -8,9 +8,13 @@ server owns its registry, so several servers can live in one process (tests).
 
 from __future__ import annotations
 
+import collections
+from typing import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from shunter.engine import LoadReport
+from shunter.runtime.handles import InstanceState
 
 # vLLM's buckets, so histograms line up with a vLLM fleet's.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -55,6 +59,7 @@ class ServerMetrics:
         self.rejected = Counter("shunter_requests_rejected", "Requests answered with an error status, by status.",
                                 ["status"], registry=r)
         self.instances = Gauge("shunter_instances", "Instances by state.", ["state"], registry=r)
+        self._states_by_kind: dict[str, collections.Counter] = {}
         self.migrations = Counter("shunter_migrations", "Live migrations, by source, destination and outcome.",
                                   ["src", "dst", "outcome"], registry=r)
         self.migration_downtime = Histogram("shunter_migration_downtime_seconds",
@@ -95,9 +100,12 @@ class ServerMetrics:
         if downtime is not None:
             self.migration_downtime.observe(downtime)
 
-    def set_instance_states(self, counts: dict[str, int]) -> None:
-        for state, n in counts.items():
-            self.instances.labels(state).set(n)
+    def count_instances(self, kind: str, states: Iterable[InstanceState]) -> None:
+        """`shunter_instances` by state, from the states of every instance of `kind` (a server with own
+        instances and remote backends counts each kind where it keeps them; the gauge is their sum)."""
+        self._states_by_kind[kind] = collections.Counter(s.value for s in states)
+        for state in InstanceState:
+            self.instances.labels(state.value).set(sum(c[state.value] for c in self._states_by_kind.values()))
 
     def forget_instance(self, instance_id: str, model: str | None = None) -> None:
         for gauge in (self.running, self.waiting, self.kv_usage):

@@ -3,6 +3,11 @@
 `build_server` loads only what a frontend needs (tokenizer, context length);
 the instances load the weights themselves, in their own processes when they
 are Ray actors.
+
+With `ServerSettings.backends` the server is mixed: a `Gateway` over those
+remote OpenAI servers runs on the same event loop beside the frontend, with
+one metrics registry, and every backend serving the own instances' model
+joins the frontend's dispatching scheduler.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from dataclasses import dataclass, field
 
 from shunter.cluster.bundles import PolicyConfig
 from shunter.cluster.disaggregation import PDSplit
+from shunter.gateway.backends import BackendSpec
+from shunter.gateway.gateway import Gateway
+from shunter.gateway.metrics import GatewayMetrics
 from shunter.model.tokenizer import Tokenizer
 from shunter.runtime.handles import InstanceHandle, LocalInstance
 from shunter.runtime.spec import InstanceSpec
@@ -41,6 +49,10 @@ class ServerSettings:
     restart_failed: bool = False  # start a replacement for each instance that dies
     migration_stage_timeout: float = 10.0  # seconds a migration stage may take before it aborts
     instance_timeout: float = 60.0  # seconds an instance may send nothing before it counts as failed
+    # Remote OpenAI servers beside the own instances (a mixed server; see `shunter.gateway.server` for the flags).
+    backends: tuple[BackendSpec, ...] = ()
+    backend_timeout: float = 600.0
+    allow_missing_backends: bool = False
 
 
 def local_handles(instance_id: str, spec: InstanceSpec) -> InstanceHandle:
@@ -59,14 +71,25 @@ class Server(ThreadedServer):
     def __init__(self, settings: ServerSettings, spec: InstanceSpec, policy: PolicyConfig, tokenizer: Tokenizer,
                  max_model_len: int, make_handle: HandleFactory = local_handles) -> None:
         super().__init__(settings)
-        self.frontend = Frontend(make_handle, spec, policy, settings.served_model_names[0], tokenizer.eos_token_id,
+        if settings.backends and (settings.pd or policy.scaling):
+            raise ValueError("remote backends cannot go with P/D disaggregation or autoscaling (they can neither "
+                             "take a migrated request nor be started or stopped by Shunter)")
+        names = settings.served_model_names
+        # A mixed server's metrics: serving mode's names per instance of either kind, plus the backends' own.
+        metrics = GatewayMetrics(names[0]) if settings.backends else None
+        self.frontend = Frontend(make_handle, spec, policy, names[0], tokenizer.eos_token_id,
                                  seed=settings.seed, control_interval=settings.control_interval, pd=settings.pd,
                                  restart_failed=settings.restart_failed,
                                  stage_timeout=settings.migration_stage_timeout,
-                                 instance_timeout=settings.instance_timeout)
+                                 instance_timeout=settings.instance_timeout, metrics=metrics)
+        self.gateway = Gateway(
+            list(settings.backends), policy, seed=settings.seed, control_interval=settings.control_interval,
+            backend_timeout=settings.backend_timeout, allow_missing=settings.allow_missing_backends,
+            metrics=metrics, shared=self.frontend.scheduler, shared_models=names, id_prefix="b",
+        ) if settings.backends else None
         max_len = spec.max_model_len or max_model_len
-        self.state = ServerState(self.frontend, tokenizer, list(settings.served_model_names), max_len,
-                                 settings.access, settings.timeouts, settings.max_live_requests)
+        self.state = ServerState(self.frontend, tokenizer, list(names), max_len, settings.access,
+                                 settings.timeouts, settings.max_live_requests, gateway=self.gateway)
         self.app = build_app(self.state)
 
     async def serve(self, on_ready=None) -> None:
@@ -77,6 +100,8 @@ class Server(ThreadedServer):
         self.state.closing = lambda: uv.should_exit
         try:
             await self.frontend.start(self.settings.num_instances)
+            if self.gateway is not None:  # after the own instances: they come first in dispatch order
+                await self.gateway.start()
             # Sized by the instances' own limits: the model's context may be capped by each instance.
             lens = [h.config.max_model_len for h in self.frontend.handles.values() if h.config is not None]
             if lens:
@@ -87,6 +112,8 @@ class Server(ThreadedServer):
             finally:
                 deadline.cancel()
         finally:
+            if self.gateway is not None:
+                await self.gateway.shutdown()
             await self.frontend.shutdown()
 
     async def _end_streams_at_the_deadline(self, margin: float = 0.5) -> None:

@@ -74,6 +74,36 @@ def test_control_step_orders_the_shortest_running_request_from_the_least_free_to
     assert GlobalScheduler(instances, PolicyConfig(dispatch="rr")).control_step(0.0) == []  # no migration policy
 
 
+def test_a_fixed_instance_takes_dispatches_but_no_request_ever_moves_to_or_from_it():
+    policy = build_policy("llumnix", src_freeness=8.0, dst_freeness=10.0)
+    a, fixed, b = (InProcessInstance(make_engine(str(i), num_blocks=24, max_num_seqs=8)) for i in range(3))
+    gs = GlobalScheduler(policy=policy)
+    gs.add_instance(a)
+    gs.add_instance(fixed, movable=False)  # listed before b: the freest, and first among equals
+    short = make_request(prompt_len=9, max_tokens=40)
+    for r in (make_request(prompt_len=30, max_tokens=40), short):
+        a.add_request(r)
+    for _ in range(3):
+        step(a.engine)
+    gs.collect_reports(0.0)
+    assert gs.control_step(0.0) == []  # instance 0's only destinations: the fixed one, left out, and none else
+    gs.add_instance(b)
+    gs.collect_reports(0.0)
+    assert gs.control_step(0.0) == [MigrationOrder(short.request_id, "0", "2")]
+    # Dispatch sees it like any other instance; a request that moves (a resume) never lands on it.
+    rr = GlobalScheduler(policy=PolicyConfig(dispatch="rr"))
+    rr.add_instance(fixed, movable=False)
+    rr.add_instance(b)
+    assert [rr.dispatch(make_request(), 0.0).instance_id for _ in range(2)] == ["1", "2"]
+    assert {rr.select_instance(make_request(), 0.0, for_move=True).instance_id for _ in range(3)} == {"2"}
+    rr.drain("2")
+    with pytest.raises(ValueError, match="no instance a request can move to"):
+        rr.select_instance(make_request(), 0.0, for_move=True)
+    # Draining a fixed instance moves nothing off it either (it empties as its requests end).
+    gs.drain("1")
+    assert all(o.src_id != "1" and o.dst_id != "1" for o in gs.drain_step(0.0) + gs.control_step(0.0))
+
+
 def test_bundles_and_overrides():
     assert set(BUNDLES.names()) >= {"rr", "infaas", "llumnix"}
     assert build_policy("rr").dispatch == "round-robin" and build_policy("rr").migration == "none"

@@ -1,30 +1,13 @@
-"""Gateways on 127.0.0.1 in front of null backends: tiny OpenAI servers that answer at once and expose
-vLLM-style /metrics (`shunter.bench.null_openai_server`). No model anywhere."""
+"""Gateways on 127.0.0.1 in front of null backends (`null_backend`, in tests/conftest.py). No model anywhere."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 
-from shunter.bench.null_openai_server import NullServer, NullServerConfig
 from shunter.cluster.bundles import build_policy
 from shunter.gateway.backends import BackendSpec
 from shunter.gateway.server import GatewayServer, GatewaySettings
-
-
-@pytest.fixture
-def null_backend():
-    """null_backend(port=0, **NullServerConfig fields) -> a running NullServer, stopped after the test."""
-    servers = []
-
-    def start(port: int = 0, **config) -> NullServer:
-        server = NullServer(NullServerConfig(**config), port=port).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture

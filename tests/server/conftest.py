@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from shunter.cluster.bundles import build_policy
+from shunter.gateway.backends import BackendSpec
 from shunter.model.loader import load_tokenizer_and_context, prepare_checkpoint
 from shunter.runtime.spec import InstanceSpec
 from shunter.server.runner import Server, ServerSettings
@@ -34,14 +35,18 @@ def hello_world_ids(tokenizer) -> list[int]:
 
 @pytest.fixture
 def start_server(tokenizer, hello_world_ids):
-    """start_server(instances=2, policy="rr", **spec fields) -> a running Server; stopped after the test."""
+    """start_server(instances=2, policy="rr", backends=(), **spec fields) -> a running Server; stopped after the test.
+
+    `backends`: URLs of remote OpenAI servers beside the instances (a mixed server, backend ids b0, b1, ...).
+    """
     servers = []
 
     def start(instances: int = 2, policy: str = "rr", dispatch: str | None = None, max_model_len: int = 256,
-              **spec_fields) -> Server:
+              backends: tuple[str, ...] = (), **spec_fields) -> Server:
         spec_fields.setdefault("null_token_ids", hello_world_ids)
         spec = InstanceSpec(executor="null", max_model_len=max_model_len, report_interval=0.02, **spec_fields)
-        settings = ServerSettings(port=0, num_instances=instances, served_model_names=(MODEL,))
+        settings = ServerSettings(port=0, num_instances=instances, served_model_names=(MODEL,),
+                                  backends=tuple(BackendSpec(url) for url in backends))
         server = Server(settings, spec, build_policy(policy, dispatch=dispatch), tokenizer, max_model_len)
         servers.append(server.start_in_thread(timeout=60))
         return server
