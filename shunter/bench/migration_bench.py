@@ -21,7 +21,9 @@ the default on one machine):
 - decode step: the source's median time between two tokens of the request
   before the migration;
 - source slowdown: the source's steps while the migration runs, each over the
-  median step of the same batch outside it, as recorded by the source itself.
+  median step of the same batch outside it, as recorded by the source itself;
+  beside it the control, the same figure for a window of equal length just
+  before the migration (how much steps vary with no migration).
 
 The same live and blocking migrations to a third instance whose cache is
 private (`--kv-channel object-store`, Ray's object store: the channel across
@@ -143,7 +145,8 @@ async def _measure(lengths: list[int], args) -> dict:
                 await asyncio.sleep(0.5)  # tokens from the destination; the source's steps without it
                 row[f"{mode}_downtime_ms"] = m.downtime * 1000
                 steps = await frontend.get_handle("0").recorded_steps()
-                row[f"{mode}_source_slowdown"] = source_slowdown(steps, m, args.others + 1, since=times[4])
+                row[f"{mode}_source_slowdown"], row[f"{mode}_source_control"] = source_slowdown(
+                    steps, m, args.others + 1, since=times[4])
                 if mode == "live":
                     before = [b - a for a, b in zip(times[4:], times[5:]) if b <= began]
                     row["decode_step_ms"] = statistics.median(before) * 1000
@@ -176,6 +179,7 @@ async def _measure(lengths: list[int], args) -> dict:
         "recompute_ms": [r["recompute_ms"] for r in rows],
         "decode_step_ms": [r["decode_step_ms"] for r in rows],
         "source_slowdown": [r["live_source_slowdown"] for r in rows],
+        "source_slowdown_control": [r["live_source_control"] for r in rows],
         "max_gap_ms": [r["max_gap_ms"] for r in rows],
         "stages": [r["stages"] for r in rows],
         "blocks_per_stage": [r["blocks_per_stage"] for r in rows],
@@ -184,30 +188,38 @@ async def _measure(lengths: list[int], args) -> dict:
             "downtime_ms": [r["live_object_store_downtime_ms"] for r in rows],
             "blocking_copy_ms": [r["blocking_object_store_downtime_ms"] for r in rows],
             "source_slowdown": [r["live_object_store_source_slowdown"] for r in rows],
+            "source_slowdown_control": [r["live_object_store_source_control"] for r in rows],
         },
         "others": args.others,
     }
 
 
-def source_slowdown(steps: list, m, num_decodes: int, since: float) -> float | None:
-    """How much slower the source's steps were while migration `m` ran, as a ratio (1.0: not at all).
+def source_slowdown(steps: list, m, num_decodes: int, since: float) -> tuple[float | None, float | None]:
+    """How much slower the source's steps were while migration `m` ran, as a ratio (1.0: not at all),
+    and the same figure for a window of equal length just before it (the control: how much steps
+    vary with no migration at all).
 
-    Each step of the source that ended during the migration is compared with the median step of
-    the same batch outside it: `num_decodes` decodes (the migrating request and the others) from
-    `since` to the migration, one fewer after its final stage suspended the request there. Steps
-    with a prefill are left out. None when either side has no steps.
+    Each step of the source that ended in a window is compared with the median step of the same
+    batch outside it: `num_decodes` decodes (the migrating request and the others) from `since` to
+    the window, one fewer after the final stage suspended the request there. Steps with a prefill
+    are left out. None when a side has no steps.
     """
-    before = [s.seconds for s in steps
-              if not s.prefill and s.num_decodes == num_decodes and since < s.ended_at <= m.start_time]
-    after = [s.seconds for s in steps if not s.prefill and s.num_decodes == num_decodes - 1 and s.ended_at > m.end_time]
-    ratios = []
-    for s in steps:
-        if s.prefill or not m.start_time < s.ended_at <= m.end_time:
-            continue
-        # A step ends after the suspension answer only if it ran without the request.
-        baseline = before if s.num_decodes == num_decodes else after if s.num_decodes == num_decodes - 1 else None
-        if baseline:
-            ratios.append(s.seconds / statistics.median(baseline))
+    def batch(n: int, lo: float, hi: float) -> list[float]:
+        return [s.seconds for s in steps if not s.prefill and s.num_decodes == n and lo < s.ended_at <= hi]
+
+    # A step ends after the suspension answer only if it ran without the request: the "after" baseline.
+    during = _mean_ratio(steps, m.start_time, m.end_time, {
+        num_decodes: batch(num_decodes, since, m.start_time),
+        num_decodes - 1: batch(num_decodes - 1, m.end_time, float("inf"))})
+    control_start = m.start_time - (m.end_time - m.start_time)
+    control = _mean_ratio(steps, control_start, m.start_time, {num_decodes: batch(num_decodes, since, control_start)})
+    return during, control
+
+
+def _mean_ratio(steps: list, lo: float, hi: float, baselines: dict[int, list[float]]) -> float | None:
+    """The mean of (a step's seconds / the median of its batch's baseline) over the steps ended in (lo, hi]."""
+    ratios = [s.seconds / statistics.median(baselines[s.num_decodes]) for s in steps
+              if not s.prefill and lo < s.ended_at <= hi and baselines.get(s.num_decodes)]
     return statistics.mean(ratios) if ratios else None
 
 
@@ -223,11 +235,15 @@ def _print(r: dict) -> None:
 
 def _print_channel(lengths: list[int], r: dict) -> None:
     print(f"  {'length':>7} {'downtime':>10} {'blocking copy':>14} {'recompute':>10} {'decode step':>12} "
-          f"{'recompute/downtime':>19} {'source slowdown':>16}" + (f" {'max gap':>9}" if "max_gap_ms" in r else ""))
+          f"{'recompute/downtime':>19} {'source slowdown':>16} {'(control)':>10}"
+          + (f" {'max gap':>9}" if "max_gap_ms" in r else ""))
+
+    def percent(ratio: float | None) -> str:
+        return "-" if ratio is None else f"{(ratio - 1) * 100:+.1f} %"
+
     for i, n in enumerate(lengths):
-        slow = r["source_slowdown"][i]
         print(f"  {n:>7} {r['downtime_ms'][i]:>8.1f}ms {r['blocking_copy_ms'][i]:>12.1f}ms "
               f"{r['recompute_ms'][i]:>8.0f}ms {r['decode_step_ms'][i]:>10.1f}ms "
               f"{r['recompute_ms'][i] / r['downtime_ms'][i]:>18.1f}x "
-              f"{'-' if slow is None else f'{(slow - 1) * 100:+.1f} %':>16}"
+              f"{percent(r['source_slowdown'][i]):>16} {percent(r['source_slowdown_control'][i]):>10}"
               + (f" {r['max_gap_ms'][i]:>7.1f}ms" if "max_gap_ms" in r else ""))

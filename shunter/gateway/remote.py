@@ -105,7 +105,7 @@ class RemoteBackend(InstanceHandle):
     def engine_call(self, name: str, *args, timeout: float = 30.0):
         raise NotImplementedError(NO_MIGRATION)
 
-    def copy_blocks(self, dst, src_block_ids, dst_block_ids, timeout: float = 60.0) -> None:
+    def copy_blocks(self, dst, src_block_ids, dst_block_ids, timeout: float = 60.0, background: bool = False) -> None:
         raise NotImplementedError(NO_MIGRATION)
 
     async def start(self) -> None:

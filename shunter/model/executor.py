@@ -182,15 +182,17 @@ class ModelExecutor:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)
         self.kv_cache.index_copy_(1, index, payload.to(device=self.kv_cache.device, dtype=self.kv_cache.dtype))
 
-    def pull_blocks(self, share: KVShare, src_block_ids: list[int], block_ids: list[int]) -> None:
-        """Copy blocks of another executor's shared cache (`share`, on this machine) into `block_ids`.
+    def pull_blocks(self, share: KVShare, src_block_ids: list[int], block_ids: list[int],
+                    max_bytes_per_s: float | None = None) -> None:
+        """Copy blocks of another executor's shared cache (`share`, on this machine) into `block_ids`,
+        no faster than `max_bytes_per_s` (None: unpaced).
 
         A one-sided read: the owner of `share` does nothing and keeps stepping.
         """
         if len(src_block_ids) != len(block_ids):
             raise ValueError(f"pulling {len(src_block_ids)} KV blocks into {len(block_ids)} blocks")
         self._check_blocks_match((share.shape[0], len(block_ids), *share.shape[2:]), len(block_ids), "shared KV cache")
-        copy_shared_blocks(share, src_block_ids, self.kv_cache, block_ids)
+        copy_shared_blocks(share, src_block_ids, self.kv_cache, block_ids, max_bytes_per_s)
 
     def _check_blocks_match(self, shape: tuple[int, ...], num_blocks: int, what: str) -> None:
         expected = (self.kv_cache.shape[0], num_blocks, *self.kv_cache.shape[2:])

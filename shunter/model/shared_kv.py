@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+PACE_MIN_SLEEP = 0.002  # seconds
 # numpy holds the bytes; torch reinterprets them (numpy has no bfloat16).
 _RAW_DTYPE = {2: np.uint16, 4: np.uint32}
 
@@ -69,14 +71,20 @@ class SharedKVCache:
 
 
 @torch.inference_mode()
-def copy_shared_blocks(share: KVShare, src_block_ids: list[int], dest: torch.Tensor, dest_block_ids: list[int]) -> None:
-    """Copy blocks `src_block_ids` of the cache `share` describes into `dest_block_ids` of `dest`, all layers."""
+def copy_shared_blocks(share: KVShare, src_block_ids: list[int], dest: torch.Tensor, dest_block_ids: list[int],
+                       max_bytes_per_s: float | None = None) -> None:
+    """Copy blocks `src_block_ids` of the cache `share` describes into `dest_block_ids` of `dest`, all layers.
+
+    max_bytes_per_s: copy no faster than this on average (None: as fast as memory goes). The
+    source's decode steps read their KV and weights from the same memory, and a copy at full
+    speed takes a share of its bandwidth that they feel; a paced copy takes longer and they don't.
+    """
     dtype = getattr(torch, share.dtype)
     nbytes = math.prod(share.shape) * dtype.itemsize
     with open(share.path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
     try:
-        _copy_layers(mapped, share, dtype, src_block_ids, dest, dest_block_ids)
+        _copy_layers(mapped, share, dtype, src_block_ids, dest, dest_block_ids, max_bytes_per_s)
     finally:
         try:
             mapped.close()
@@ -85,7 +93,7 @@ def copy_shared_blocks(share: KVShare, src_block_ids: list[int], dest: torch.Ten
 
 
 def _copy_layers(mapped: mmap.mmap, share: KVShare, dtype: torch.dtype, src_block_ids: list[int],
-                 dest: torch.Tensor, dest_block_ids: list[int]) -> None:
+                 dest: torch.Tensor, dest_block_ids: list[int], max_bytes_per_s: float | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only map: torch warns, we only read it
         raw = torch.from_numpy(np.frombuffer(mapped, dtype=_RAW_DTYPE[dtype.itemsize]).reshape(share.shape))
@@ -94,10 +102,29 @@ def _copy_layers(mapped: mmap.mmap, share: KVShare, dtype: torch.dtype, src_bloc
     # Runs of consecutive blocks on both sides are one slice copy each, with no staging copy: block
     # tables are mostly such runs, and every byte moved is memory bandwidth the source's own steps
     # (which read the same KV) do not get.
+    pace = _Pace(max_bytes_per_s)
     for (s0, d0, n) in block_runs(src_block_ids, dest_block_ids):
         for layer in range(share.shape[0]):
             part = src[layer, s0:s0 + n]
             dest[layer, d0:d0 + n].copy_(part.to(device=dest.device, dtype=dest.dtype) if cast else part)
+            pace.moved(part.numel() * part.element_size())
+
+
+class _Pace:
+    """Sleeps as needed so that the bytes reported by `moved` go no faster than `max_bytes_per_s`."""
+
+    def __init__(self, max_bytes_per_s: float | None) -> None:
+        self.max_bytes_per_s = max_bytes_per_s
+        self.started = time.perf_counter()
+        self.num_bytes = 0
+
+    def moved(self, num_bytes: int) -> None:
+        if not self.max_bytes_per_s:
+            return
+        self.num_bytes += num_bytes
+        ahead = self.num_bytes / self.max_bytes_per_s - (time.perf_counter() - self.started)
+        if ahead > PACE_MIN_SLEEP:  # short sleeps would cost more than they spare
+            time.sleep(ahead)
 
 
 def block_runs(src_block_ids: list[int], dest_block_ids: list[int]) -> list[tuple[int, int, int]]:

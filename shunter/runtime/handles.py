@@ -163,9 +163,10 @@ class InstanceHandle:
         raise NotImplementedError
 
     def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
-                    timeout: float = 60.0) -> None:
+                    timeout: float = 60.0, background: bool = False) -> None:
         """Copy these KV blocks (all layers) of this instance into `dst_block_ids` of `dst`;
-        CopyTimedOut if that takes longer than `timeout` seconds."""
+        CopyTimedOut if that takes longer than `timeout` seconds. `background`: the request still
+        decodes meanwhile, so the copy may be paced (`InstanceSpec.migration_copy_rate`)."""
         raise NotImplementedError
 
     def _send_add(self, request: Request) -> None:
@@ -241,7 +242,7 @@ class LocalInstance(InstanceHandle):
         return self.loop.engine_call(name, *args).result(timeout)
 
     def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
-                    timeout: float = 60.0) -> None:
+                    timeout: float = 60.0, background: bool = False) -> None:
         self._check_alive()
         dst._check_alive()
         # Beside the steps, not between them: see `copy_safe`. In a thread of its own so that a copy

@@ -209,7 +209,8 @@ class MigrationDriver:
                 if plan.num_blocks:
                     self._lock.release()  # the copy is between the two instances; others may go on
                     try:
-                        src.copy_blocks(dst, plan.src_block_ids, plan.dst_block_ids, timeout=self.stage_timeout)
+                        src.copy_blocks(dst, plan.src_block_ids, plan.dst_block_ids, timeout=self.stage_timeout,
+                                        background=not plan.is_final)
                     finally:
                         self._lock.acquire()
                 if plan.is_final:

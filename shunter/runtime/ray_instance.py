@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 from shunter.request import Request
 from shunter.runtime.engine_loop import EngineLoop, StepMessage
@@ -64,21 +65,45 @@ class InstanceWorker:
 
     def read_blocks(self, block_ids: list[int]):
         """These blocks' KV, all layers, read at once, beside a running step (see `copy_safe`)."""
+        yield_to_steps()
         return self.executor.read_blocks(block_ids)
 
     def write_blocks(self, block_ids: list[int], payload) -> None:
         """Store a `read_blocks` payload of another instance into reserved `block_ids`, beside a running step."""
+        yield_to_steps()
         self.executor.write_blocks(block_ids, payload)
 
-    def pull_blocks(self, share, src_block_ids: list[int], block_ids: list[int]) -> None:
+    def pull_blocks(self, share, src_block_ids: list[int], block_ids: list[int],
+                    max_bytes_per_s: float | None = None) -> None:
         """Copy blocks of another instance's shared cache on this machine into reserved `block_ids`."""
-        self.executor.pull_blocks(share, src_block_ids, block_ids)
+        yield_to_steps()
+        self.executor.pull_blocks(share, src_block_ids, block_ids, max_bytes_per_s)
 
     def recorded_steps(self) -> list:
         return list(self.loop.step_log or [])
 
     def shutdown(self) -> None:
         self.loop.stop()
+
+
+# The nice value of the threads that copy KV for migrations: a copy is background work, and where
+# the cores are all busy (instances share them) the steps, the instances' own and their neighbours',
+# come first. A copy then takes longer; nobody's tokens do.
+COPY_THREAD_NICE = 19
+
+
+def yield_to_steps() -> None:
+    """Lower this thread's CPU priority to COPY_THREAD_NICE (Linux: a thread's own nice value); once is enough."""
+    if getattr(_copy_thread, "niced", False):
+        return
+    _copy_thread.niced = True
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COPY_THREAD_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: copies run at the normal priority
+        pass
+
+
+_copy_thread = threading.local()
 
 
 def _actor_class():
@@ -138,12 +163,12 @@ class RayInstance(InstanceHandle):
         return ray.get(self.actor.engine_call.remote(name, *args), timeout=timeout)
 
     def copy_blocks(self, dst: InstanceHandle, src_block_ids: list[int], dst_block_ids: list[int],
-                    timeout: float = 60.0) -> None:
+                    timeout: float = 60.0, background: bool = False) -> None:
         import ray
 
         if kv_channel(self, dst) == "shared-memory":
             written = dst.actor.pull_blocks.options(concurrency_group="copy").remote(
-                self.kv_share, src_block_ids, dst_block_ids)
+                self.kv_share, src_block_ids, dst_block_ids, dst.spec.migration_copy_rate if background else None)
         else:
             # The payload goes from this actor to the destination actor through Ray's object store;
             # the frontend passes only the reference.

@@ -17,6 +17,10 @@ from shunter.engine import InstanceEngine
 
 EXECUTORS = ("model", "null")
 KV_CHANNELS = ("shared-memory", "object-store")
+# A background stage's copy at full memory speed slows the source's memory-bound decode steps by
+# about 5 %; at 1 GB/s by about 1 % (docs/benchmarks.md, "Live migration"), and 8k tokens of the
+# built-in model's KV still move in under 0.2 s.
+DEFAULT_MIGRATION_COPY_RATE = 1e9
 
 
 @dataclass
@@ -35,6 +39,9 @@ class InstanceSpec:
         destination reads the source's cache directly when both are on one machine with CPU
         caches; Ray's object store where that cannot work) or "object-store" (always Ray's
         object store; the cache is then private memory).
+    migration_copy_rate: bytes per second at most for the copies of a live migration's
+        background stages over shared memory (those that run while the request still decodes at
+        the source); None: unpaced. The final stage, while the request waits, is never paced.
     """
 
     model: str | None = None
@@ -54,6 +61,7 @@ class InstanceSpec:
     null_token_ids: list[int] = field(default_factory=lambda: [42])
     null_step_time: float = 0.0
     kv_channel: str = "shared-memory"
+    migration_copy_rate: float | None = DEFAULT_MIGRATION_COPY_RATE
     record_steps: bool = False  # keep every step's batch summary and time (benchmarks: `recorded_steps`)
 
     def __post_init__(self) -> None:
@@ -61,6 +69,8 @@ class InstanceSpec:
             raise ValueError(f"unknown executor {self.executor!r}: use one of {', '.join(EXECUTORS)}")
         if self.kv_channel not in KV_CHANNELS:
             raise ValueError(f"unknown KV channel {self.kv_channel!r}: use one of {', '.join(KV_CHANNELS)}")
+        if self.migration_copy_rate is not None and self.migration_copy_rate <= 0:
+            raise ValueError(f"migration copy rate must be positive or None, got {self.migration_copy_rate!r}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
         if self.report_interval <= 0:

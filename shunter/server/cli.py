@@ -22,7 +22,7 @@ import time
 
 from shunter.errors import CLIError
 from shunter.gateway import cli as gateway_cli
-from shunter.runtime.spec import KV_CHANNELS
+from shunter.runtime.spec import DEFAULT_MIGRATION_COPY_RATE, KV_CHANNELS
 
 
 def register(subparsers) -> None:
@@ -70,11 +70,15 @@ def register(subparsers) -> None:
                    help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting a local Ray")
     p.add_argument("--runtime", default="ray", choices=["ray", "local"],
                    help="ray: each instance a Ray actor (default); local: instances as threads of this process")
-    p.add_argument("--kv-channel", default="shared-memory", choices=KV_CHANNELS,
+    p.add_argument("--kv-channel", default="shared-memory", metavar="{" + ",".join(KV_CHANNELS) + "}",
                    help="how live migration moves KV between instances: shared-memory lets the destination "
                         "read the source's cache directly when both are on this machine with CPU caches (the "
                         "source spends nothing on the copy; elsewhere Ray's object store is used); "
                         "object-store always goes through Ray (default shared-memory)")
+    p.add_argument("--migration-copy-rate", type=float, default=DEFAULT_MIGRATION_COPY_RATE / 1e9, metavar="GB_PER_S",
+                   help="over shared memory, a live migration's stages that run while the request still decodes "
+                        "copy at most this many GB/s, so that the source's steps keep their memory bandwidth "
+                        "(0: unpaced; the final stage is never paced; default %(default)g)")
     p.add_argument("--migration-stage-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a live migration whose stage (a KV copy or an instance call) takes longer is aborted: "
                         "the request goes on where it was (default 10)")
@@ -157,7 +161,7 @@ def run(args) -> int:
         block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=args.prefix_caching, report_interval=args.report_interval, seed=args.seed,
-        kv_channel=args.kv_channel,
+        kv_channel=args.kv_channel, migration_copy_rate=args.migration_copy_rate * 1e9 or None,
     )
     if args.null_engine:
         spec = spec.replace(executor="null", model=None, null_step_time=args.null_step_time,
@@ -230,6 +234,10 @@ def _check_args(args) -> None:
                  "timeout_keep_alive", "timeout_request_header", "timeout_request_body"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.kv_channel not in KV_CHANNELS:
+        raise CLIError(f"unknown --kv-channel {args.kv_channel!r}: use one of {', '.join(KV_CHANNELS)}")
+    if not args.migration_copy_rate >= 0 or args.migration_copy_rate == float("inf"):
+        raise CLIError(f"--migration-copy-rate must be a number of GB/s >= 0 (0: unpaced), got {args.migration_copy_rate}")
 
 
 def parse_autoscale(text: str | None, policy_name: str | None, bundle: str):

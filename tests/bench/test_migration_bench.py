@@ -28,7 +28,7 @@ def test_migration_bench_reports_every_figure_per_length(tmp_path, capsys):
     assert all(stages >= 2 for stages in r["stages"])
     assert all(blocks[-1] <= 2 for blocks in r["blocks_per_stage"])
     # Both channels measured side by side; the source's own steps give its slowdown.
-    for key in ("downtime_ms", "blocking_copy_ms", "source_slowdown"):
+    for key in ("downtime_ms", "blocking_copy_ms", "source_slowdown", "source_slowdown_control"):
         assert len(r["object_store"][key]) == 2
     assert all(x is not None and x > 0 for x in r["source_slowdown"] + r["object_store"]["source_slowdown"])
     printed = capsys.readouterr().out

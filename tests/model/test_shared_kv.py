@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from shunter.model.executor import ModelExecutor
-from shunter.model.shared_kv import KVShare, SharedKVCache, block_runs, copy_shared_blocks, shared_memory_available
+from shunter.model.shared_kv import PACE_MIN_SLEEP, KVShare, SharedKVCache, block_runs, copy_shared_blocks, shared_memory_available
 from tests.model.test_executor import BLOCK_SIZE, CONFIG, tiny_model
 
 pytestmark = pytest.mark.skipif(not shared_memory_available(), reason="needs Linux memfd_create and /proc")
@@ -83,3 +84,18 @@ def test_block_runs_merge_what_is_consecutive_on_both_sides():
     assert block_runs([4, 5, 6, 9, 10], [0, 1, 2, 3, 4]) == [(4, 0, 3), (9, 3, 2)]
     assert block_runs([1, 2], [5, 7]) == [(1, 5, 1), (2, 7, 1)]  # consecutive on one side only
     assert block_runs([], []) == []
+
+
+def test_a_paced_copy_goes_no_faster_than_its_rate_and_copies_the_same():
+    shape = (2, 64, 4, 2, 64)  # 256 KiB of float32
+    cache = SharedKVCache(shape, torch.float32)
+    cache.tensor.copy_(torch.randn(shape))
+    blocks = list(range(64))
+    paced, unpaced = torch.zeros(shape), torch.zeros(shape)
+    started = time.perf_counter()
+    copy_shared_blocks(cache.share, blocks, paced, blocks, max_bytes_per_s=1e6)
+    elapsed = time.perf_counter() - started
+    copy_shared_blocks(cache.share, blocks, unpaced, blocks)
+    assert torch.equal(paced, cache.tensor) and torch.equal(unpaced, cache.tensor)
+    # The last piece may land up to PACE_MIN_SLEEP early; nothing can make a paced copy faster.
+    assert elapsed >= cache.tensor.numel() * 4 / 1e6 - PACE_MIN_SLEEP
