@@ -5,15 +5,32 @@
    both, one dispatching round robin, one `prefix`.
 2. vLLM's own client (`vllm bench serve`, random dataset) through the round-robin gateway:
    every request must succeed.
-3. A Mooncake-conversation-shaped workload (the first `--prefix-requests` of
-   the FAST'25 conversation trace, in order; each prefix-block hash stands for
-   `--words-per-block` words, at most `--max-blocks` blocks, so the trace's
-   prefix sharing is kept at a size two CPU backends can serve) through each
-   gateway in turn, `--prefix-concurrency` requests at once. Each run has its
-   own words (a per-run seed), so the second run finds nothing of the first
-   in the caches. Per run: mean TTFT (this client) and the prefix-cache hit
-   rate from the backends' own `/metrics` (hit tokens over queried tokens,
-   both backends, during the run).
+3. A Mooncake-conversation-shaped workload through each gateway in turn,
+   `--prefix-concurrency` requests at once, built from the FAST'25
+   conversation trace (`--prefix-workload`):
+   - `conversations` (the default): the trace's conversations, time-compressed.
+     A conversation is the requests sharing their first two prefix blocks
+     (`hash_ids[:2]`; block 0 is a system prompt every request starts with).
+     The first `--conversations` conversations (by their first request) that
+     have at least `--min-turns` requests are taken whole, every turn
+     however late in the hour, and replayed in trace order, closed loop: the
+     trace's time gaps are dropped, and a turn is sent only once its
+     conversation's previous turn has finished (as a user answers a reply),
+     the requests behind it going ahead meanwhile. With the defaults (150
+     conversations, one turn or more: single-turn conversations stay in, as
+     in the trace) that is 315 requests, whose blocks, in order, were seen
+     before in 47 % of cases (36.6 % over the whole trace, 17.9 % in its
+     first 200 requests).
+   - `first-requests`: the first `--prefix-requests` requests of the trace
+     in order (few conversations reach their second turn within them).
+   Each prefix-block hash stands for `--words-per-block` words, at most
+   `--max-blocks` blocks per prompt (so the trace's 512-token blocks shrink
+   to a size two CPU backends serve, and prompts stay well inside the
+   model's 2,048 tokens). Each run has its own words (a per-run seed), so
+   the second run finds nothing of the first in the caches. Per run: mean
+   and P50 TTFT (this client), requests per backend (the gateway's
+   `/metrics`), and the prefix-cache hit rate from the backends' own
+   `/metrics` (hit tokens over queried tokens, both backends, during the run).
 
 vLLM lives in its own virtual environment (not a dependency): --vllm-python,
 or $SHUNTER_VLLM_PYTHON, or /tmp/vllm-peer/venv/bin/python.
@@ -48,10 +65,15 @@ def add_arguments(p) -> None:
     p.add_argument("--vllm-kv-gib", type=int, default=1, help="--vllm: VLLM_CPU_KVCACHE_SPACE per backend (GiB)")
     p.add_argument("--num-prompts", type=int, default=24, help="--vllm: prompts of the `vllm bench serve` run")
     p.add_argument("--traces", default=None, help="--vllm: directory of the shared traces (default ../shared/traces)")
-    p.add_argument("--prefix-requests", type=int, default=200, help="--vllm: Mooncake requests per policy")
+    p.add_argument("--prefix-workload", choices=("conversations", "first-requests"), default="conversations",
+                   help="--vllm: the trace's conversations, time-compressed (default), or its first requests")
+    p.add_argument("--conversations", type=int, default=150, help="--vllm: Mooncake conversations per policy")
+    p.add_argument("--min-turns", type=int, default=1, help="--vllm: only conversations of this many requests or more")
+    p.add_argument("--prefix-requests", type=int, default=200,
+                   help="--vllm: Mooncake requests per policy (--prefix-workload first-requests)")
     p.add_argument("--prefix-concurrency", type=int, default=4, help="--vllm: Mooncake requests at once")
-    p.add_argument("--words-per-block", type=int, default=32, help="--vllm: words per Mooncake prefix block")
-    p.add_argument("--max-blocks", type=int, default=8, help="--vllm: prefix blocks per prompt at most")
+    p.add_argument("--words-per-block", type=int, default=8, help="--vllm: words per Mooncake prefix block")
+    p.add_argument("--max-blocks", type=int, default=64, help="--vllm: prefix blocks per prompt at most")
     p.add_argument("--prefix-output-len", type=int, default=8, help="--vllm: tokens per Mooncake request")
 
 
@@ -100,16 +122,65 @@ def prefix_counters(url: str) -> tuple[float, float]:
     return (scraped.prefix_hits or 0.0, scraped.prefix_queries or 0.0) if scraped else (0.0, 0.0)
 
 
+def mooncake_rows(path: Path) -> list[dict]:
+    """The Mooncake conversation trace's rows, by timestamp (stable: equal times keep the file's order)."""
+    with gzip.open(path, "rt") as f:
+        return sorted((json.loads(line) for line in f), key=lambda r: r["timestamp"])
+
+
 def mooncake_requests(path: Path, num: int, words_per_block: int, max_blocks: int, output_len: int, seed: int):
     """The first `num` requests of the Mooncake conversation trace as prompts: shared hash ids, shared words."""
+    return _prompts(mooncake_rows(path)[:num], [None] * num, words_per_block, max_blocks, output_len, seed)
+
+
+def conversation_rows(rows: list[dict], num_conversations: int, min_turns: int) -> tuple[list[dict], list[int | None]]:
+    """The requests of the first `num_conversations` conversations of at least `min_turns` requests, in trace
+    order, and for each the position (in that list) of its conversation's previous turn (None for a first turn).
+
+    A conversation: the requests sharing `hash_ids[:2]` (block 0 is the system prompt all requests share).
+    """
+    turns: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        turns.setdefault(tuple(row["hash_ids"][:2]), []).append(i)
+    chosen = [key for key, members in turns.items() if len(members) >= min_turns][:num_conversations]
+    picked = sorted(i for key in chosen for i in turns[key])
+    position = {i: n for n, i in enumerate(picked)}
+    previous: list[int | None] = []
+    for i in picked:
+        members = turns[tuple(rows[i]["hash_ids"][:2])]
+        k = members.index(i)
+        previous.append(position[members[k - 1]] if k else None)
+    return [rows[i] for i in picked], previous
+
+
+def mooncake_conversations(path: Path, num_conversations: int, min_turns: int, words_per_block: int,
+                           max_blocks: int, output_len: int, seed: int):
+    """The trace's conversations as prompts (see the module docstring), each turn after its previous one."""
+    rows, previous = conversation_rows(mooncake_rows(path), num_conversations, min_turns)
+    return _prompts(rows, previous, words_per_block, max_blocks, output_len, seed)
+
+
+def block_reuse(rows: list[dict], max_blocks: int) -> float:
+    """The fraction of the rows' prefix blocks (at most `max_blocks` each), in order, seen in an earlier row."""
+    seen: set[int] = set()
+    reused = total = 0
+    for row in rows:
+        for h in row["hash_ids"][:max_blocks]:
+            reused += h in seen
+            total += 1
+            seen.add(h)
+    return reused / total if total else 0.0
+
+
+def _prompts(rows: list[dict], previous: list[int | None], words_per_block: int, max_blocks: int,
+             output_len: int, seed: int):
+    """One request per row: each prefix-block hash is the same `words_per_block` words wherever it occurs."""
     import numpy as np
     from shunter.bench.serve_workload import COMMON_WORDS, ServeRequest
 
-    with gzip.open(path, "rt") as f:
-        rows = sorted((json.loads(line) for line in f), key=lambda r: r["timestamp"])[:num]
     blocks: dict[int, str] = {}
     out = []
-    for i, row in enumerate(rows):
+    for i, (row, prev) in enumerate(zip(rows, previous)):
         words = []
         for h in row["hash_ids"][:max_blocks]:
             if h not in blocks:
@@ -117,8 +188,18 @@ def mooncake_requests(path: Path, num: int, words_per_block: int, max_blocks: in
                 blocks[h] = " ".join(COMMON_WORDS[k] for k in rng.integers(0, len(COMMON_WORDS), words_per_block))
             words.append(blocks[h])
         prompt = " ".join(words)
-        out.append(ServeRequest(f"m{i}", 0.0, prompt, len(prompt.split()), output_len))
+        out.append(ServeRequest(f"m{i}", 0.0, prompt, len(prompt.split()), output_len,
+                                after=None if prev is None else f"m{prev}"))
     return out
+
+
+def build_workload(args, path: Path, seed: int):
+    """The requests of `--prefix-workload`."""
+    if args.prefix_workload == "conversations":
+        return mooncake_conversations(path, args.conversations, args.min_turns, args.words_per_block,
+                                      args.max_blocks, args.prefix_output_len, seed)
+    return mooncake_requests(path, args.prefix_requests, args.words_per_block, args.max_blocks,
+                             args.prefix_output_len, seed)
 
 
 def run(args) -> dict:
@@ -134,7 +215,13 @@ def run(args) -> dict:
         raise CLIError(f"no {MOONCAKE_TRACE} in {traces} (--traces DIR)")
     started: list[subprocess.Popen] = []
     result: dict = {"workload": {k: getattr(args, k) for k in (
-        "num_prompts", "prefix_requests", "prefix_concurrency", "words_per_block", "max_blocks", "prefix_output_len")}}
+        "num_prompts", "prefix_workload", "conversations", "min_turns", "prefix_requests", "prefix_concurrency",
+        "words_per_block", "max_blocks", "prefix_output_len")}}
+    rows = mooncake_rows(traces / MOONCAKE_TRACE)
+    used = conversation_rows(rows, args.conversations, args.min_turns)[0] \
+        if args.prefix_workload == "conversations" else rows[:args.prefix_requests]
+    result["workload"].update(num_requests=len(used), block_reuse=block_reuse(used, args.max_blocks),
+                              trace_block_reuse=block_reuse(rows, args.max_blocks))
     with tempfile.TemporaryDirectory(prefix="shunter-gateway-") as out:
         try:
             ports = [free_port(), free_port()]
@@ -150,8 +237,7 @@ def run(args) -> dict:
                                                           Path(out) / "bench.json")
             runs = {}
             for seed, policy in enumerate(("round-robin", "prefix")):
-                requests = mooncake_requests(traces / MOONCAKE_TRACE, args.prefix_requests, args.words_per_block,
-                                             args.max_blocks, args.prefix_output_len, seed=100 + seed)
+                requests = build_workload(args, traces / MOONCAKE_TRACE, seed=100 + seed)
                 runs[policy] = prefix_run(gateways[policy], urls, requests, args.prefix_concurrency)
             result["prefix"] = runs
         finally:
@@ -218,9 +304,12 @@ def _print(result: dict) -> None:
           f"{b['request_throughput']:.2f} req/s, {b['output_throughput']:.1f} output tok/s, "
           f"TTFT mean {b['mean_ttft_ms']:.1f} ms")
     w = result["workload"]
-    print(f"  Mooncake conversation trace, first {w['prefix_requests']} requests, {w['words_per_block']} words per "
-          f"prefix block (at most {w['max_blocks']}), {w['prefix_output_len']} tokens out, "
-          f"{w['prefix_concurrency']} at once:")
+    what = (f"its first {w['conversations']} conversations of {w['min_turns']}+ turns, time-compressed"
+            if w["prefix_workload"] == "conversations" else f"its first {w['prefix_requests']} requests")
+    print(f"  Mooncake conversation trace, {what} ({w['num_requests']} requests; blocks seen before "
+          f"{w['block_reuse'] * 100:.1f} %, whole trace {w['trace_block_reuse'] * 100:.1f} %), "
+          f"{w['words_per_block']} words per prefix block (at most {w['max_blocks']}), "
+          f"{w['prefix_output_len']} tokens out, {w['prefix_concurrency']} at once:")
     for policy, r in result["prefix"].items():
         rate = r["prefix_hit_rate"]
         print(f"    {policy:12} prefix-cache hit rate {rate * 100 if rate is not None else float('nan'):5.1f} % "
