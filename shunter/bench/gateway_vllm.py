@@ -72,6 +72,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prefix-requests", type=int, default=200,
                    help="--vllm: Mooncake requests per policy (--prefix-workload first-requests)")
     p.add_argument("--prefix-concurrency", type=int, default=4, help="--vllm: Mooncake requests at once")
+    p.add_argument("--prefix-rounds", type=int, default=2, help="--vllm: runs per policy, in the order "
+                   "round robin, prefix, prefix, round robin, ... (so a drift of the host's load hits both alike)")
     p.add_argument("--words-per-block", type=int, default=8, help="--vllm: words per Mooncake prefix block")
     p.add_argument("--max-blocks", type=int, default=64, help="--vllm: prefix blocks per prompt at most")
     p.add_argument("--prefix-output-len", type=int, default=8, help="--vllm: tokens per Mooncake request")
@@ -235,16 +237,24 @@ def run(args) -> dict:
                 gateways[policy] = f"http://127.0.0.1:{started[-1].port}"
             result["vllm_bench_serve"] = vllm_bench_serve(setup, gateways["round-robin"], args.num_prompts,
                                                           Path(out) / "bench.json")
-            runs = {}
-            for seed, policy in enumerate(("round-robin", "prefix")):
+            runs: dict[str, list[dict]] = {"round-robin": [], "prefix": []}
+            for seed, policy in enumerate(run_order(args.prefix_rounds)):
                 requests = build_workload(args, traces / MOONCAKE_TRACE, seed=100 + seed)
-                runs[policy] = prefix_run(gateways[policy], urls, requests, args.prefix_concurrency)
-            result["prefix"] = runs
+                runs[policy].append(prefix_run(gateways[policy], urls, requests, args.prefix_concurrency))
+                print(f"  {policy} run {len(runs[policy])} done", file=sys.stderr)
+            result["prefix"] = {policy: combine(rs) for policy, rs in runs.items()}
+            result["prefix_runs"] = {policy: [_plain(r) for r in rs] for policy, rs in runs.items()}
         finally:
             for proc in reversed(started):
                 processes.stop(proc)
     _print(result)
     return result
+
+
+def run_order(rounds: int) -> list[str]:
+    """round robin, prefix, prefix, round robin, ...: `rounds` runs of each, neither always first."""
+    pair = ("round-robin", "prefix")
+    return [p for k in range(rounds) for p in (pair if k % 2 == 0 else pair[::-1])]
 
 
 def vllm_bench_serve(setup: dict, url: str, num_prompts: int, result_path: Path) -> dict:
@@ -263,24 +273,93 @@ def vllm_bench_serve(setup: dict, url: str, num_prompts: int, result_path: Path)
 
 
 def prefix_run(gateway_url: str, backend_urls: list[str], requests, concurrency: int) -> dict:
-    """The requests through one gateway: mean TTFT, and the backends' prefix-cache hit rate over the run."""
+    """The requests through one gateway: TTFT, the backends' prefix-cache hit rate over the run, and how
+    the load was spread (the backends' requests running + waiting, sampled every `SAMPLE_S` seconds)."""
+    import threading
+
     from shunter.bench.serve_load import LoadConfig, run_load
-    from shunter.bench.serve_metrics import summarize
 
     before = [prefix_counters(u) for u in backend_urls]
     sent_before = dispatches(gateway_url)
-    load = asyncio.run(run_load(LoadConfig(gateway_url, requests, model=MODEL_NAME, max_concurrency=concurrency,
-                                           timeout_s=1200)))
+    samples: list[list[int]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_load, args=(backend_urls, samples, stop), daemon=True)
+    sampler.start()
+    try:
+        load = asyncio.run(run_load(LoadConfig(gateway_url, requests, model=MODEL_NAME,
+                                               max_concurrency=concurrency, timeout_s=1200)))
+    finally:
+        stop.set()
+        sampler.join(timeout=30)
     after = [prefix_counters(u) for u in backend_urls]
     sent = {engine: n - sent_before.get(engine, 0.0) for engine, n in dispatches(gateway_url).items()}
-    hits = sum(a[0] - b[0] for a, b in zip(after, before))
-    queries = sum(a[1] - b[1] for a, b in zip(after, before))
-    summary = summarize(load.records, load.duration_s)
-    return {"num_completed": summary["num_completed"], "num_errors": summary["num_errors"],
-            "duration_s": load.duration_s, "mean_ttft_ms": summary["ttft_ms"]["mean"],
-            "p50_ttft_ms": summary["ttft_ms"]["p50"], "prefix_hit_tokens": hits, "prefix_query_tokens": queries,
-            "prefix_hit_rate": hits / queries if queries else None,
-            "dispatches": [sent.get(str(i), 0.0) for i in range(len(backend_urls))]}
+    later = {r.request_id for r in requests if r.after is not None}
+    return {"records": load.records, "later_turns": later, "duration_s": load.duration_s,
+            "prefix_hit_tokens": sum(a[0] - b[0] for a, b in zip(after, before)),
+            "prefix_query_tokens": sum(a[1] - b[1] for a, b in zip(after, before)),
+            "dispatches": [sent.get(str(i), 0.0) for i in range(len(backend_urls))], "load_samples": samples}
+
+
+SAMPLE_S = 0.25
+
+
+def _plain(run: dict) -> dict:
+    """A run without its records (for --json): its TTFT statistics instead."""
+    from shunter.bench.serve_metrics import summarize
+
+    summary = summarize(run["records"], run["duration_s"])
+    return {**{k: v for k, v in run.items() if k not in ("records", "later_turns")},
+            "num_completed": summary["num_completed"], "num_errors": summary["num_errors"],
+            "ttft_ms": summary["ttft_ms"]}
+
+
+def _sample_load(urls: list[str], samples: list[list[int]], stop) -> None:
+    """Until `stop`: every SAMPLE_S, each backend's requests running + waiting (its own /metrics)."""
+    from shunter.gateway.scrape import parse_metrics
+
+    while not stop.wait(SAMPLE_S):
+        row = []
+        for url in urls:
+            try:
+                with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+                    scraped = parse_metrics(resp.read().decode())
+            except OSError:
+                scraped = None
+            row.append(scraped.num_running + scraped.num_waiting if scraped else -1)
+        if min(row) >= 0:
+            samples.append(row)
+
+
+def combine(runs: list[dict]) -> dict:
+    """One policy's figures over its runs: TTFT over every request, hit rate over every token."""
+    from shunter.bench.serve_metrics import latency_stats
+
+    records = [rec for r in runs for rec in r["records"]]
+    done = [rec for rec in records if rec.is_success]
+    later = [rec.ttft for r in runs for rec in r["records"] if rec.is_success and rec.request_id in r["later_turns"]]
+    first = [rec.ttft for r in runs for rec in r["records"]
+             if rec.is_success and rec.request_id not in r["later_turns"]]
+    hits = sum(r["prefix_hit_tokens"] for r in runs)
+    queries = sum(r["prefix_query_tokens"] for r in runs)
+    samples = [row for r in runs for row in r["load_samples"]]
+    ms = lambda xs: latency_stats(xs)["mean"] if xs else None  # noqa: E731
+    return {
+        "num_runs": len(runs), "num_completed": len(done), "num_errors": len(records) - len(done),
+        "duration_s": sum(r["duration_s"] for r in runs),
+        "mean_ttft_ms": ms([rec.ttft for rec in done]), "p50_ttft_ms": latency_stats([rec.ttft for rec in done])["p50"],
+        "mean_ttft_first_turns_ms": ms(first), "mean_ttft_later_turns_ms": ms(later),
+        "per_run_mean_ttft_ms": [ms([rec.ttft for rec in r["records"] if rec.is_success]) for r in runs],
+        "prefix_hit_tokens": hits, "prefix_query_tokens": queries,
+        "prefix_hit_rate": hits / queries if queries else None,
+        "per_run_hit_rate": [r["prefix_hit_tokens"] / r["prefix_query_tokens"] if r["prefix_query_tokens"] else None
+                             for r in runs],
+        "dispatches": [sum(r["dispatches"][i] for r in runs) for i in range(len(runs[0]["dispatches"]))],
+        "mean_load": [sum(row[i] for row in samples) / len(samples) if samples else None
+                      for i in range(len(runs[0]["dispatches"]))],
+        # A backend with nothing to do while the other has two or more requests: work that could have run.
+        "idle_while_other_queued": (sum(1 for row in samples if min(row) == 0 and max(row) >= 2) / len(samples)
+                                    if samples else None),
+    }
 
 
 def dispatches(gateway_url: str) -> dict[str, float]:
@@ -313,12 +392,25 @@ def _print(result: dict) -> None:
     for policy, r in result["prefix"].items():
         rate = r["prefix_hit_rate"]
         print(f"    {policy:12} prefix-cache hit rate {rate * 100 if rate is not None else float('nan'):5.1f} % "
-              f"({r['prefix_hit_tokens']:.0f} / {r['prefix_query_tokens']:.0f} tokens)   TTFT mean "
-              f"{r['mean_ttft_ms']:.1f} ms  P50 {r['p50_ttft_ms']:.1f} ms   {r['num_completed']} done, "
-              f"{r['num_errors']} errors, {r['duration_s']:.1f} s, "
-              f"dispatched {' / '.join(f'{n:.0f}' for n in r['dispatches'])}")
+              f"({r['prefix_hit_tokens']:.0f} / {r['prefix_query_tokens']:.0f} tokens; per run "
+              f"{' / '.join(f'{x * 100:.1f} %' for x in r['per_run_hit_rate'] if x is not None)})   "
+              f"TTFT mean {r['mean_ttft_ms']:.1f} ms  P50 {r['p50_ttft_ms']:.1f} ms (per run "
+              f"{' / '.join(f'{x:.1f}' for x in r['per_run_mean_ttft_ms'] if x is not None)} ms; first turns "
+              f"{_ms(r['mean_ttft_first_turns_ms'])}, later turns {_ms(r['mean_ttft_later_turns_ms'])})   "
+              f"{r['num_completed']} done, {r['num_errors']} errors, {r['duration_s']:.1f} s, "
+              f"dispatched {' / '.join(f'{n:.0f}' for n in r['dispatches'])}, mean load "
+              f"{' / '.join(_ms(x, '') for x in r['mean_load'])}, one idle while the other had 2+: "
+              f"{_pct(r['idle_while_other_queued'])} of samples")
     rr, px = result["prefix"]["round-robin"], result["prefix"]["prefix"]
     if rr["prefix_hit_rate"] is not None and px["prefix_hit_rate"] is not None:
         print(f"  prefix vs round robin: hit rate {'higher' if px['prefix_hit_rate'] > rr['prefix_hit_rate'] else 'NOT higher'}, "
               f"mean TTFT x{px['mean_ttft_ms'] / rr['mean_ttft_ms']:.2f} "
               f"({'lower' if px['mean_ttft_ms'] < rr['mean_ttft_ms'] else 'NOT lower'})")
+
+
+def _ms(x, unit=" ms") -> str:
+    return "n/a" if x is None else f"{x:.1f}{unit}" if unit else f"{x:.2f}"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x * 100:.1f} %"
