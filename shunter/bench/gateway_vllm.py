@@ -395,8 +395,10 @@ def _print(result: dict) -> None:
               f"({r['prefix_hit_tokens']:.0f} / {r['prefix_query_tokens']:.0f} tokens; per run "
               f"{' / '.join(f'{x * 100:.1f} %' for x in r['per_run_hit_rate'] if x is not None)})   "
               f"TTFT mean {r['mean_ttft_ms']:.1f} ms  P50 {r['p50_ttft_ms']:.1f} ms (per run "
-              f"{' / '.join(f'{x:.1f}' for x in r['per_run_mean_ttft_ms'] if x is not None)} ms; first turns "
-              f"{_ms(r['mean_ttft_first_turns_ms'])}, later turns {_ms(r['mean_ttft_later_turns_ms'])})   "
+              f"{' / '.join(f'{x:.1f}' for x in r['per_run_mean_ttft_ms'] if x is not None)} ms"
+              + (f"; first turns {_ms(r['mean_ttft_first_turns_ms'])}, later turns "
+                 f"{_ms(r['mean_ttft_later_turns_ms'])}" if r["mean_ttft_later_turns_ms"] is not None else "")
+              + ")   "
               f"{r['num_completed']} done, {r['num_errors']} errors, {r['duration_s']:.1f} s, "
               f"dispatched {' / '.join(f'{n:.0f}' for n in r['dispatches'])}, mean load "
               f"{' / '.join(_ms(x, '') for x in r['mean_load'])}, one idle while the other had 2+: "
