@@ -15,6 +15,13 @@ until `data: [DONE]`:
 - Token counts from the final chunk's `usage` when the server sends it, else
   the prompt's word count and the number of chunks with text.
 
+A request with `after` (a conversation's next turn) is not sent before that
+request has finished. When any request has one, the requests are sent by
+`max_concurrency` workers instead, each taking the first request in the given
+order that is due and whose `after` has finished: a turn waiting for its
+predecessor lets the requests behind it go ahead, and is sent as soon as it
+can be, before any request listed after it.
+
 The whole run has one deadline: whatever is still outstanding then is
 cancelled and recorded as a "timeout" error, so a run always ends. Only
 loopback servers are accepted: a load test stays on this machine.
@@ -157,8 +164,11 @@ async def run_load(config: LoadConfig) -> LoadResult:
         records = [ServeRecord(r.request_id, r.arrival_time, r.num_prompt_tokens, r.max_tokens)
                    for r in config.requests]
         sender = _Sender(client, config.endpoint, model, config.max_concurrency)
-        await asyncio.gather(*(_bounded(sender.send_at(r, rec), rec, deadline)
-                               for r, rec in zip(config.requests, records)))
+        if any(r.after is not None for r in config.requests):
+            await _send_ordered(sender, config.requests, records, config.max_concurrency or len(records), deadline)
+        else:
+            await asyncio.gather(*(_bounded(sender.send_at(r, rec), rec, deadline)
+                                   for r, rec in zip(config.requests, records)))
         return LoadResult(model, config.endpoint, records, time.perf_counter() - sender.start)
 
 
@@ -183,6 +193,55 @@ async def _bounded(send, record: ServeRecord, deadline: float) -> None:
     except asyncio.TimeoutError:
         message = "not sent before the deadline" if record.send_time is None else "no [DONE] before the deadline"
         record.fail("timeout", message)
+
+
+async def _send_ordered(sender, requests: Sequence[ServeRequest], records: list[ServeRecord], num_workers: int,
+                        deadline: float) -> None:
+    """`num_workers` workers; each sends the first listed request that is due and whose `after` has finished."""
+    pending = list(range(len(requests)))
+    finished: set[str] = set()
+    changed = asyncio.Condition()
+
+    def next_ready(now: float) -> int | None:
+        for i in pending:
+            r = requests[i]
+            if r.arrival_time <= now and (r.after is None or r.after in finished):
+                return i
+        return None
+
+    async def worker() -> None:
+        while True:
+            async with changed:
+                while True:
+                    if not pending:
+                        return
+                    now = time.perf_counter() - sender.start
+                    i = next_ready(now)
+                    if i is not None:
+                        pending.remove(i)
+                        break
+                    due = [requests[j].arrival_time for j in pending if requests[j].arrival_time > now]
+                    try:  # a finish, or the next arrival, may make one ready
+                        await asyncio.wait_for(changed.wait(), timeout=min(due) - now if due else None)
+                    except asyncio.TimeoutError:
+                        pass
+            try:
+                await sender._send(requests[i], records[i])
+            finally:
+                async with changed:
+                    finished.add(requests[i].request_id)
+                    changed.notify_all()
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(num_workers)]
+    done, not_done = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+    for task in not_done:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for record in records:
+        if record.send_time is None:
+            record.fail("timeout", "not sent before the deadline")
+        elif record.error_kind is None and record.e2e is None:
+            record.fail("timeout", "no [DONE] before the deadline")
 
 
 class _Sender:

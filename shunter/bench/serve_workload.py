@@ -49,6 +49,8 @@ class ServeRequest:
     prompt: `num_prompt_tokens` words (about as many tokens, once the server
         tokenizes them); max_tokens: the exact number to generate (sent with
         `ignore_eos`).
+    after: the id of an earlier request that must have finished before this
+        one is sent (a conversation's previous turn); None: no such wait.
     """
 
     request_id: str
@@ -56,6 +58,7 @@ class ServeRequest:
     prompt: str
     num_prompt_tokens: int
     max_tokens: int
+    after: str | None = None
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,16 @@ def power_of_two(reports: Sequence[LoadReport], request: Request, ctx: DispatchC
 
 @DISPATCH.register("prefix")
 def prefix_aware(reports: Sequence[LoadReport], request: Request, ctx: DispatchContext) -> int:
-    """Cache-aware: the instance that was sent the longest prefix of this prompt (by stable block
-    digests), the least loaded among equals; plain least-load when the cluster is imbalanced
-    beyond `ctx.imbalance_threshold` requests or nothing matches."""
+    """Cache-aware: the least prefill ahead of this request's first token, counting what each instance
+    was sent of its prompt (by stable block digests) as cached there: queued prefill tokens plus the
+    prompt's tokens beyond its longest match; among equals, the least KV demand. Plain least-load when
+    the cluster is imbalanced beyond `ctx.imbalance_threshold` requests.
+
+    Ranking by the match alone (the longest match, load only among equals) sends a conversation's turn
+    to its instance however much prefill is queued there, while an instance whose queue is empty sits
+    idle; ranking by load alone sends requests that arrive together to the one instance that just
+    emptied, to be prefilled together. Both cost time to first token on instances that prefill one
+    prompt after another."""
     if ctx.prefix is None:
         ctx.prefix = PrefixIndex()
     index = ctx.prefix
@@ -132,12 +139,10 @@ def prefix_aware(reports: Sequence[LoadReport], request: Request, ctx: DispatchC
     if max(loads) - min(loads) > ctx.imbalance_threshold:
         choice = argmin(demand)
     else:
-        matches = [index.match_length(r.instance_id, digests) for r in reports]
-        best = max(matches)
-        if best == 0:
-            choice = argmin(demand)
-        else:
-            choice = argmin([d if m == best else float("inf") for d, m in zip(demand, matches)])
+        uncached = [max(0, request.num_tokens - index.match_length(r.instance_id, digests) * index.block_tokens)
+                    for r in reports]
+        ahead = [r.num_pending_prefill_tokens + u for r, u in zip(reports, uncached)]
+        choice = min(range(len(reports)), key=lambda i: (ahead[i], demand[i], i))
     index.record(reports[choice].instance_id, digests)
     return choice
 

@@ -156,6 +156,14 @@ class GlobalScheduler:
             num_pending_prefill_tokens=view.num_pending_prefill_tokens + request.num_tokens,
         )
 
+    def count_prefilled(self, request: Request, instance_id: str) -> None:
+        """`request`'s prompt is prefilled on `instance_id` (its first token came back): no longer queued
+        prefill in the view (until the instance's next report, which says so itself)."""
+        view = self.views.get(instance_id)
+        if view is not None:
+            self.views[instance_id] = dataclasses.replace(
+                view, num_pending_prefill_tokens=max(0, view.num_pending_prefill_tokens - request.num_tokens))
+
     # ---- control loop ---------------------------------------------------------------
     def migration_orders(self, now: float, num_migrations: Callable[[str], int] = lambda _: 0) -> list[MigrationOrder]:
         """Every migration to start at this control tick: the policy's (`control_step`) and a drain's (`drain_step`).

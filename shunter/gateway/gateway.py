@@ -191,9 +191,17 @@ class Gateway:
         self._num_calls += 1
         return call
 
+    def prefilled(self, backend: RemoteBackend, call: Call) -> None:
+        """The call's first chunk came back: its prompt no longer counts as queued prefill on `backend`."""
+        if call.first_at is None:
+            call.first_at = time.monotonic()
+            for scheduler in self.schedulers_of(backend):
+                scheduler.count_prefilled(call.request, backend.instance_id)
+
     def end(self, backend: RemoteBackend, call: Call) -> None:
         """The request is over on `backend`; a drained backend with nothing left in flight stops."""
         if call.request.request_id in backend.calls:
+            self.prefilled(backend, call)  # a whole answer, or one cut short: no prefill left either way
             backend.untrack(call)
             self._num_calls -= 1
         if backend.state is InstanceState.DRAINING and not backend.calls:
@@ -290,7 +298,10 @@ class Gateway:
         backend.num_failed_checks = 0
         backend.scraped = scraped
         now = time.monotonic()
-        report = load_report(backend.instance_id, scraped, now, backend.in_flight_prompt_tokens())
+        # Queued prefill: the gateway's own calls there with nothing back yet (sent before the scrape began:
+        # the later ones are counted again below, as dispatch did).
+        report = load_report(backend.instance_id, scraped, now, backend.in_flight_prompt_tokens(),
+                             backend.unprefilled_prompt_tokens(started))
         backend.last_report = report
         if backend.state in (InstanceState.STARTING, InstanceState.FAILED):
             if backend.state is InstanceState.FAILED:
@@ -307,11 +318,13 @@ class Gateway:
             return
         else:
             # Requests sent after the scrape began may not be in it yet: count them again, as dispatch did.
-            recent = backend.dispatched_since(started)
+            recent = [c for c in backend.calls.values() if c.sent_at >= started]
             for scheduler in self.schedulers_of(backend):
                 scheduler.update_reports([report])
-                for request in recent:
-                    scheduler.count_incoming(request, backend.instance_id)
+                for call in recent:
+                    scheduler.count_incoming(call.request, backend.instance_id)
+                    if call.first_at is not None:
+                        scheduler.count_prefilled(call.request, backend.instance_id)
         self.metrics.observe_backend(backend, report)
 
     def schedulers_of(self, backend: RemoteBackend) -> list[GlobalScheduler]:

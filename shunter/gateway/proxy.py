@@ -159,6 +159,7 @@ async def _relay(gateway: Gateway, backend: RemoteBackend, call: Call, model: st
             now = time.monotonic()
             if last is None:
                 metrics.ttft.labels(model, engine).observe(now - arrival)
+                gateway.prefilled(backend, call)
             else:
                 metrics.itl.labels(model, engine).observe(now - last)
             last = now

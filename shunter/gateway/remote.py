@@ -26,7 +26,7 @@ NO_MIGRATION = "live migration is not available for remote backends"
 class Call:
     """One proxied request in flight on a backend: what can cut it short if the backend fails."""
 
-    __slots__ = ("request", "sent_at", "task", "response", "failure")
+    __slots__ = ("request", "sent_at", "task", "response", "failure", "first_at")
 
     def __init__(self, request: Request, sent_at: float) -> None:
         self.request = request
@@ -34,6 +34,7 @@ class Call:
         self.task: asyncio.Future | None = None  # waiting for the backend's answer (or headers, streamed)
         self.response = None  # aiohttp.ClientResponse whose body is being read
         self.failure: str | None = None  # why the backend was given up, once it was
+        self.first_at: float | None = None  # when its first chunk came back (its prompt is prefilled)
 
     def cut(self, reason: str) -> None:
         """The backend failed: stop waiting for it (the proxy sees `failure` and retries or ends the stream)."""
@@ -82,9 +83,10 @@ class RemoteBackend(InstanceHandle):
     def in_flight_prompt_tokens(self) -> list[int]:
         return [c.request.num_prompt_tokens for c in self.calls.values()]
 
-    def dispatched_since(self, since: float) -> list[Request]:
-        """Requests in flight that were sent at or after `since` (a scrape begun then may not count them yet)."""
-        return [c.request for c in self.calls.values() if c.sent_at >= since]
+    def unprefilled_prompt_tokens(self, sent_before: float) -> list[int]:
+        """Prompt tokens of the calls sent before `sent_before` that have had no chunk back yet."""
+        return [c.request.num_prompt_tokens for c in self.calls.values()
+                if c.first_at is None and c.sent_at < sent_before]
 
     # ---- calls ---------------------------------------------------------------------------
     def track(self, call: Call) -> None:

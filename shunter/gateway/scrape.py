@@ -108,11 +108,16 @@ def parse_metrics(text: str) -> Scraped | None:
 
 
 def load_report(instance_id: str, scraped: Scraped | None, now: float,
-                in_flight_prompt_tokens: Sequence[int]) -> LoadReport:
+                in_flight_prompt_tokens: Sequence[int],
+                unprefilled_prompt_tokens: Sequence[int] | None = None) -> LoadReport:
     """The backend's `LoadReport` from a scrape (None: no metrics, so only what the gateway has in flight).
 
     Waiting requests are assumed as long as the mean prompt the gateway has in
-    flight there: the metrics count them but do not size them.
+    flight there: the metrics count them but do not size them. Queued prefill:
+    the prompts of `unprefilled_prompt_tokens` (the gateway's requests there
+    that have had nothing back yet) when given, else the waiting requests'
+    estimated prompts (a server prefilling in chunks counts a prompt whose
+    prefill has begun as running, not waiting).
     """
     bs = (scraped.block_size if scraped else None) or DEFAULT_BLOCK_SIZE
     total = (scraped.num_total_blocks if scraped else None) or DEFAULT_NUM_BLOCKS
@@ -128,7 +133,8 @@ def load_report(instance_id: str, scraped: Scraped | None, now: float,
         instance_id=instance_id, time=now, num_running=num_running, num_waiting=num_waiting, num_preempted=0,
         num_used_blocks=used, num_free_blocks=total - used, num_total_blocks=total, block_size=bs,
         head_block_demand=mean_blocks if num_waiting else 0, waiting_block_demand=num_waiting * mean_blocks,
-        num_pending_prefill_tokens=round(num_waiting * mean_tokens))
+        num_pending_prefill_tokens=sum(unprefilled_prompt_tokens) if unprefilled_prompt_tokens is not None
+        else round(num_waiting * mean_tokens))
 
 
 def _values(samples: dict, names: Sequence[str]) -> list[float]:

@@ -64,6 +64,23 @@ def test_every_request_completes_with_the_tokens_it_asked_for(server, endpoint):
     assert summary["num_output_tokens"] == sum(r.max_tokens for r in requests)
 
 
+def test_a_turn_is_sent_only_after_its_previous_turn_and_before_later_requests(server):
+    # Two conversations (a0 -> a1 -> a2, b0 -> b1) and two single requests, two at a time.
+    ids = [("a0", None), ("b0", None), ("a1", "a0"), ("c", None), ("a2", "a1"), ("b1", "b0"), ("d", None)]
+    requests = [ServeRequest(i, 0.0, "some words here", 3, 16, after=after) for i, after in ids]
+    result = run(server.url, requests, max_concurrency=2)
+    records = {r.request_id: r for r in result.records}
+    assert all(r.is_success for r in result.records)
+    for i, after in ids:
+        if after is not None:
+            assert records[i].send_time >= records[after].send_time + records[after].e2e - 1e-3
+    # Nothing is ever sent while a listed-earlier request that was ready waits: a1 goes before c.
+    assert records["a1"].send_time <= records["c"].send_time + 1e-3 or \
+        records["a0"].send_time + records["a0"].e2e > records["c"].send_time
+    assert max(sum(1 for r in result.records if r.send_time <= t.send_time < r.send_time + r.e2e)
+               for t in result.records) <= 2
+
+
 def test_percentiles_are_ordered(server):
     result = run(server.url, make_requests(n=30, output_len=6), max_concurrency=8)
     summary = summarize(result.records, result.duration_s)

@@ -155,3 +155,21 @@ def test_shunter_dispatch_ranks_by_ttft_within_memory_then_prefers_the_smaller_b
     for rep in full:
         rep.block_size = 16
     assert pick("shunter", full, r, ctx) == 1
+
+
+def test_prefix_weighs_the_match_against_the_prefill_queued_ahead():
+    ctx = DispatchContext(prefix=PrefixIndex(block_tokens=4))
+    shared = list(range(100, 116))
+    ctx.prefix.record("1", ctx.prefix.digests(make_request(prompt=shared)))
+    turn = make_request(prompt=shared + [1, 2, 3, 4])  # 20 tokens, 16 of them sent to instance 1 before
+    # 10 tokens queued on 1, none on 0: 10 + 4 uncached on 1 is less than 20 on 0.
+    assert pick("prefix", [report("0", 10), report("1", 10, pending=10)], turn, ctx) == 1
+    # 30 queued on 1: its first token comes sooner on 0 even though 0 prefills the whole prompt.
+    assert pick("prefix", [report("0", 10), report("1", 10, pending=30)], turn, ctx) == 0
+
+
+def test_prefix_sends_a_new_prompt_where_no_prefill_is_queued_not_to_the_instance_that_just_emptied():
+    # Instance 0 was just sent a prompt (queued, 12 tokens); instance 1 runs two requests past their prefill.
+    reports = [report("0", 5, waiting=1, pending=12), report("1", 30, running=2)]
+    assert pick("prefix", reports, make_request(prompt=list(range(40))), DispatchContext()) == 1
+    assert pick("least-requests", reports, make_request(prompt=list(range(40)))) == 0  # by count alone: 0

@@ -35,6 +35,20 @@ def test_dispatch_reads_the_last_report_plus_what_it_dispatched_since():
     assert gs.num_dispatches == 3
 
 
+def test_a_prefilled_request_leaves_the_views_queued_prefill():
+    instances, gs = cluster(2)
+    a, b = make_request(prompt_len=100), make_request(prompt_len=40)
+    gs.assign(a, instances[0])
+    gs.assign(b, instances[0])
+    assert gs.views["0"].num_pending_prefill_tokens == 140
+    gs.count_prefilled(a, "0")
+    assert gs.views["0"].num_pending_prefill_tokens == 40
+    gs.count_prefilled(a, "0")  # counted twice (a report came in between): never below zero
+    gs.count_prefilled(b, "0")
+    assert gs.views["0"].num_pending_prefill_tokens == 0
+    gs.count_prefilled(b, "gone")  # an instance that left: nothing to do
+
+
 def test_round_robin_and_membership():
     instances, gs = cluster(2, PolicyConfig(dispatch="rr"))
     assert [gs.dispatch(make_request(), 0.0).instance_id for _ in range(4)] == ["0", "1", "0", "1"]

@@ -64,3 +64,33 @@ def test_remote_backends_offer_no_migration():
     assert b.migration_candidates() == []
     with pytest.raises(NotImplementedError, match="not available for remote backends"):
         b.engine_call("begin_migration", "r0")
+
+
+def test_queued_prefill_is_the_gateways_requests_with_nothing_back_yet():
+    import time
+
+    from shunter.gateway.gateway import Gateway
+    from shunter.runtime.handles import InstanceState
+
+    gw = Gateway([BackendSpec("http://127.0.0.1:9000")], build_policy("rr", dispatch="prefix", migration="none"))
+    backend = backends(1)[0]
+    backend.state = InstanceState.READY
+    gw.backends["0"] = backend
+    gw.schedulers["m"] = s = GlobalScheduler(policy=gw.policy)
+    s.add_instance(backend, backend.last_report, movable=False)
+    calls = []
+    for i, n in enumerate((100, 60)):  # as the proxy does: dispatch, then the call in flight
+        request = Request(f"r{i}", list(range(n)), SamplingParams(max_tokens=8))
+        calls.append(gw.begin(gw.dispatch("m", request), request))
+    assert s.views["0"].num_pending_prefill_tokens == 160
+    gw.prefilled(backend, calls[0])  # its first chunk came back
+    assert s.views["0"].num_pending_prefill_tokens == 60 and calls[0].first_at is not None
+    assert backend.unprefilled_prompt_tokens(time.monotonic() + 1) == [60]
+    # A scrape: the report counts what is still unprefilled among the calls sent before it began...
+    gw._passed(backend, Scraped("vllm", 2, 0, 0.1), calls[1].sent_at + 1e-9)
+    assert s.views["0"].num_pending_prefill_tokens == 60
+    # ... and, begun before both were sent, the ones sent since, as dispatch did, less those prefilled.
+    gw._passed(backend, Scraped("vllm", 2, 0, 0.1), calls[0].sent_at)
+    assert s.views["0"].num_pending_prefill_tokens == 60
+    gw.end(backend, calls[1])  # over, though no chunk was seen (a whole answer): nothing left to prefill
+    assert s.views["0"].num_pending_prefill_tokens == 0
