@@ -60,6 +60,7 @@ PACKAGED = "packaged"  # `--profile packaged`: the profile shipped with Shunter
 # under the default load and Llumnix-style policies (which move requests off instances short of free
 # blocks) have something to do.
 CLUSTER_NUM_BLOCKS = 64
+CLUSTER_CALIBRATION_REQUESTS = 40
 CALIBRATION_SEED_OFFSET = 1000  # the calibration workload's seed: never the measured one
 CONTROL_INTERVAL = 0.05  # seconds: `shunter serve`'s default control and report intervals
 # What a migration stage costs between two instances on one machine (Ray calls and a copy through
@@ -174,6 +175,10 @@ def format_report(report: dict) -> str:
         err = report[f"{m}_err"]
         flag = "" if err <= TARGET_ERROR else "  > target"
         lines.append(f"{m:<10} {real[m]:>8.3f}s {sim[m]:>8.3f}s {err:>7.1%}{flag}")
+    c = report.get("calibration")
+    if c is not None and c["scale"] is not None:
+        lines.append(f"latency model scaled x{c['scale']:.3f} to the engine's steps on a separate calibration "
+                     f"workload ({c['requests']} requests, {c['steps']} steps)")
     s = report["diagnostics"]["replay_steps"]
     lines.append(f"latency model on the real run's {s['steps']} steps: mean |error| {s['mean_abs_error']:.1%}, "
                  f"median {s['median_abs_error']:.1%}; busy time real {s['busy_seconds_real']:.1f} s, predicted "
@@ -231,9 +236,10 @@ def register(bench_subparsers) -> None:
                    help="real instances: above 1, the workload runs on that many Ray-actor instances behind the "
                         "serving frontend (dispatch and live migration by --policy) and on as many simulated ones")
     p.add_argument("--policy", default="llumnix", help="policy bundle of both clusters (with --instances > 1)")
-    p.add_argument("--calibration-requests", type=int, default=40,
-                   help="with --instances > 1: first replay this many requests of another seed on the same "
-                        "instances and scale the latency model to their steps (0: no calibration)")
+    p.add_argument("--calibration-requests", type=int, default=None,
+                   help="first replay this many requests of another seed on the same instance(s) and scale the "
+                        "latency model to their steps (0: no calibration; default 40 with --instances > 1, "
+                        "else 0)")
     p.add_argument("--num-blocks", type=int, default=CLUSTER_NUM_BLOCKS,
                    help="KV blocks per instance of both clusters (with --instances > 1): few enough that memory "
                         "fills and the migration policy has work")
@@ -248,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
     cluster = args.instances > 1
     if args.requests is None:
         args.requests = CLUSTER_REQUESTS if cluster else DEFAULT_REQUESTS
+    if args.calibration_requests is None:
+        args.calibration_requests = CLUSTER_CALIBRATION_REQUESTS if cluster else 0
     if args.profile_rounds is None:
         # A cluster run scales the model to the serving runtime's own steps (calibration), so one round of
         # the quick grid does: the whole run stays within ~10 minutes on these 2-core hosts.
@@ -350,6 +358,12 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
         return _run_cluster(args, real, workload, latency, profile, show_progress)
     if args.wait_idle:
         wait_until_idle(args.wait_idle)
+    calibration_steps, scale = [], None
+    if args.calibration_requests:
+        calibration = make_workload(args.calibration_requests, args.rate, args.seed + CALIBRATION_SEED_OFFSET,
+                                    real.vocab_size)
+        calibration_steps = replay(real.engine, calibration.real).steps
+        latency, scale = calibrated(latency, calibration_steps)
     load_before = load_average()
     cpu_before = CpuSnapshot.take()
     bar = None
@@ -383,6 +397,7 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
                     "measured_at": profile.metadata.get("measured_at"),
                     "load_average": profile.metadata.get("load_average")},
         "requests": per_request(workload, measured.records, sim_result.records),
+        "calibration": {"requests": args.calibration_requests, "steps": len(calibration_steps), "scale": scale},
         "diagnostics": {
             "replay_steps": step_model_error(latency, measured.steps),
             "sim_steps": sim_result.instance_num_steps["0"],
@@ -521,9 +536,11 @@ async def _steps_of(frontend, replay):
 
 
 def calibrated(latency, steps):
-    """The latency model scaled so that it predicts the serving runtime's own `steps` in total: the
-    profiler times bare engine steps; an instance serving also answers polls and migration calls in its
-    process, beside a frontend and Ray on the same cores. Returns (model, scale)."""
+    """The latency model scaled so that it predicts `steps` (the real run's own, on a calibration
+    workload) in total: the profiler times bare steps of a grid, one shape at a time; a serving
+    instance also answers polls and migration calls in its process, beside a frontend and Ray on
+    the same cores, and a machine's speed drifts between the profile and the replay.
+    Returns (model, scale)."""
     from shunter.sim.profiled import ProfiledLatency
 
     predicted = sum(latency.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps)
