@@ -65,8 +65,7 @@ class SharedKVCache:
         except BaseException:
             os.close(self.fd)
             raise
-        raw = np.frombuffer(self._map, dtype=_RAW_DTYPE[dtype.itemsize]).reshape(shape)
-        self.tensor = torch.from_numpy(raw).view(dtype)
+        self.tensor = _tensor_over(self._map, shape, dtype)
         self.share = KVShare(os.uname().nodename, os.getpid(), self.fd, tuple(shape), str(dtype).removeprefix("torch."))
 
 
@@ -94,10 +93,7 @@ def copy_shared_blocks(share: KVShare, src_block_ids: list[int], dest: torch.Ten
 
 def _copy_layers(mapped: mmap.mmap, share: KVShare, dtype: torch.dtype, src_block_ids: list[int],
                  dest: torch.Tensor, dest_block_ids: list[int], max_bytes_per_s: float | None) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only map: torch warns, we only read it
-        raw = torch.from_numpy(np.frombuffer(mapped, dtype=_RAW_DTYPE[dtype.itemsize]).reshape(share.shape))
-    src = raw.view(dtype)
+    src = _tensor_over(mapped, share.shape, dtype)
     cast = dtype != dest.dtype or dest.device.type != "cpu"
     # Runs of consecutive blocks on both sides are one slice copy each, with no staging copy: block
     # tables are mostly such runs, and every byte moved is memory bandwidth the source's own steps
@@ -108,6 +104,14 @@ def _copy_layers(mapped: mmap.mmap, share: KVShare, dtype: torch.dtype, src_bloc
             part = src[layer, s0:s0 + n]
             dest[layer, d0:d0 + n].copy_(part.to(device=dest.device, dtype=dest.dtype) if cast else part)
             pace.moved(part.numel() * part.element_size())
+
+
+def _tensor_over(buffer: mmap.mmap, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` and `dtype` viewing `buffer`'s bytes (no copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only map: torch warns; its readers only read
+        raw = torch.from_numpy(np.frombuffer(buffer, dtype=_RAW_DTYPE[dtype.itemsize]).reshape(shape))
+    return raw.view(dtype)
 
 
 class _Pace:

@@ -35,15 +35,16 @@ class InstanceWorker:
     def __init__(self, instance_id: str, spec: InstanceSpec) -> None:
         engine, self.facts = build_engine(spec, instance_id)
         self.executor = engine.executor
+        self.kv_share = getattr(self.executor, "kv_share", None)  # the null executor has no cache to share
         self.facts["host"] = os.uname().nodename
-        self.facts["kv_cache"] = "private" if getattr(self.executor, "kv_share", None) is None else "shared-memory"
+        self.facts["kv_cache"] = "private" if self.kv_share is None else "shared-memory"
         self.config = engine.config
         self.loop = EngineLoop(engine, spec.report_interval, record_steps=spec.record_steps)
         self.loop.start()
 
     def info(self) -> dict:
         return {"config": self.config, "facts": self.facts, "report": self.loop.load_report().result(),
-                "kv_share": getattr(self.executor, "kv_share", None)}
+                "kv_share": self.kv_share}
 
     def add_request(self, request: Request) -> None:
         self.loop.add_request(request)
