@@ -6,9 +6,11 @@ caches are in shared memory, the destination reads the blocks straight from the
 source's cache (shunter/model/shared_kv.py), so the source spends nothing on
 it; otherwise the source reads the blocks and the payload goes to the
 destination through Ray's object store (Ray's transfer across machines).
-`shunter bench migration` measures both. Copies run in a third concurrency
-group, beside the engine's steps rather than between them (copy_safe in
-handles.py says why that is safe), so they never stall the step loop.
+`shunter bench migration` measures both. Copies run in concurrency groups of
+their own, beside the engine's steps rather than between them (copy_safe in
+handles.py says why that is safe), so they never stall the step loop: the
+background stages' copies at a low CPU priority, the final stage's (the
+request waits on it) at the normal one.
 
 The actor has two concurrency groups: commands (add, abort, finish) run one at
 a time in the order the frontend sent them, so an abort can never overtake the
@@ -26,17 +28,20 @@ import threading
 from shunter.request import Request
 from shunter.runtime.engine_loop import EngineLoop, StepMessage
 from shunter.runtime.handles import CopyTimedOut, InstanceHandle, InstanceState
-from shunter.runtime.spec import InstanceSpec, build_engine
+from shunter.runtime.spec import InstanceSpec, build_engine, pin_process
 
 
 class InstanceWorker:
     """The actor's body: builds the engine where it runs and drives it with an `EngineLoop`."""
 
     def __init__(self, instance_id: str, spec: InstanceSpec) -> None:
+        if spec.cpu_affinity is not None:
+            pin_process(spec.cpu_affinity)  # before the engine starts torch's threads: they inherit it
         engine, self.facts = build_engine(spec, instance_id)
         self.executor = engine.executor
         self.kv_share = getattr(self.executor, "kv_share", None)  # the null executor has no cache to share
         self.facts["host"] = os.uname().nodename
+        self.facts["cpus"] = sorted(os.sched_getaffinity(0))
         self.facts["kv_cache"] = "private" if self.kv_share is None else "shared-memory"
         self.config = engine.config
         self.loop = EngineLoop(engine, spec.report_interval, record_steps=spec.record_steps)
@@ -64,20 +69,20 @@ class InstanceWorker:
     def engine_call(self, name: str, *args):
         return self.loop.engine_call(name, *args).result()
 
-    def read_blocks(self, block_ids: list[int]):
+    def read_blocks(self, block_ids: list[int], background: bool = True):
         """These blocks' KV, all layers, read at once, beside a running step (see `copy_safe`)."""
-        yield_to_steps()
+        _copy_priority(background)
         return self.executor.read_blocks(block_ids)
 
-    def write_blocks(self, block_ids: list[int], payload) -> None:
+    def write_blocks(self, block_ids: list[int], payload, background: bool = True) -> None:
         """Store a `read_blocks` payload of another instance into reserved `block_ids`, beside a running step."""
-        yield_to_steps()
+        _copy_priority(background)
         self.executor.write_blocks(block_ids, payload)
 
     def pull_blocks(self, share, src_block_ids: list[int], block_ids: list[int],
-                    max_bytes_per_s: float | None = None) -> None:
+                    max_bytes_per_s: float | None = None, background: bool = True) -> None:
         """Copy blocks of another instance's shared cache on this machine into reserved `block_ids`."""
-        yield_to_steps()
+        _copy_priority(background)
         self.executor.pull_blocks(share, src_block_ids, block_ids, max_bytes_per_s)
 
     def recorded_steps(self) -> list:
@@ -87,10 +92,22 @@ class InstanceWorker:
         self.loop.stop()
 
 
-# The nice value of the threads that copy KV for migrations: a copy is background work, and where
-# the cores are all busy (instances share them) the steps, the instances' own and their neighbours',
-# come first. A copy then takes longer; nobody's tokens do.
-COPY_THREAD_NICE = 19
+# The nice value of the threads that copy KV for a migration's background stages: such a copy is
+# background work, and where the cores are all busy (instances share them) the steps, the instances'
+# own and their neighbours', come first. A copy then takes longer; nobody's tokens do. The final
+# stage's copy is not background work: the request waits on it. Not 19: on a core its instance's
+# steps keep busy, a nice-19 thread gets ~1.5 % of it (CFS weights 15 vs 1024), and an 8,000-token
+# stage through the object store (the source reads its blocks) ran past the 10 s stage timeout;
+# at nice 10 it gets ~10 %.
+COPY_THREAD_NICE = 10
+
+
+def _copy_priority(background: bool) -> None:
+    """A background stage's copy yields the CPU to the steps; a final stage's, which the request
+    waits on, runs at the normal priority (it comes in its own concurrency group, whose threads are
+    never lowered: an unprivileged thread cannot raise its priority again)."""
+    if background:
+        yield_to_steps()
 
 
 def yield_to_steps() -> None:
@@ -110,7 +127,8 @@ _copy_thread = threading.local()
 def _actor_class():
     import ray
 
-    return ray.remote(concurrency_groups={"poll": 2, "copy": 2})(InstanceWorker)
+    # "copy": background stages' copies, at a low CPU priority; "final_copy": final stages' copies.
+    return ray.remote(concurrency_groups={"poll": 2, "copy": 2, "final_copy": 2})(InstanceWorker)
 
 
 class RayInstance(InstanceHandle):
@@ -167,14 +185,16 @@ class RayInstance(InstanceHandle):
                     timeout: float = 60.0, background: bool = False) -> None:
         import ray
 
+        group = "copy" if background else "final_copy"
         if kv_channel(self, dst) == "shared-memory":
-            written = dst.actor.pull_blocks.options(concurrency_group="copy").remote(
-                self.kv_share, src_block_ids, dst_block_ids, dst.spec.migration_copy_rate if background else None)
+            written = dst.actor.pull_blocks.options(concurrency_group=group).remote(
+                self.kv_share, src_block_ids, dst_block_ids, dst.spec.migration_copy_rate if background else None,
+                background)
         else:
             # The payload goes from this actor to the destination actor through Ray's object store;
             # the frontend passes only the reference.
-            payload = self.actor.read_blocks.options(concurrency_group="copy").remote(src_block_ids)
-            written = dst.actor.write_blocks.options(concurrency_group="copy").remote(dst_block_ids, payload)
+            payload = self.actor.read_blocks.options(concurrency_group=group).remote(src_block_ids, background)
+            written = dst.actor.write_blocks.options(concurrency_group=group).remote(dst_block_ids, payload, background)
         try:
             ray.get(written, timeout=timeout)
         except ray.exceptions.GetTimeoutError:

@@ -42,6 +42,9 @@ class InstanceSpec:
     migration_copy_rate: bytes per second at most for the copies of a live migration's
         background stages over shared memory (those that run while the request still decodes at
         the source); None: unpaced. The final stage, while the request waits, is never paced.
+    cpu_affinity: the CPU cores a Ray-actor instance's process runs on (every thread of it, its
+        torch threads included), so instances sharing a machine do not take each other's cores;
+        None: wherever the OS puts it.
     """
 
     model: str | None = None
@@ -62,6 +65,7 @@ class InstanceSpec:
     null_step_time: float = 0.0
     kv_channel: str = "shared-memory"
     migration_copy_rate: float | None = DEFAULT_MIGRATION_COPY_RATE
+    cpu_affinity: tuple[int, ...] | None = None
     record_steps: bool = False  # keep every step's batch summary and time (benchmarks: `recorded_steps`)
 
     def __post_init__(self) -> None:
@@ -75,6 +79,10 @@ class InstanceSpec:
             raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
         if self.report_interval <= 0:
             raise ValueError(f"report interval must be positive, got {self.report_interval!r}")
+        if self.cpu_affinity is not None:
+            cores = os.cpu_count() or 1
+            if not self.cpu_affinity or any(not 0 <= c < cores for c in self.cpu_affinity):
+                raise ValueError(f"cpu_affinity must name cores within 0..{cores - 1}, got {self.cpu_affinity!r}")
 
     def scheduler_config(self, num_blocks: int, model_max_len: int) -> SchedulerConfig:
         max_len = model_max_len if self.max_model_len is None else self.max_model_len
@@ -97,6 +105,15 @@ class InstanceSpec:
 # A null instance's context and KV capacity when the spec leaves them open.
 NULL_MAX_MODEL_LEN = 8192
 NULL_NUM_BLOCKS = 8192
+
+
+def pin_process(cores: tuple[int, ...]) -> None:
+    """Run every thread of this process, and every thread it starts later, on `cores` only (Linux)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that has ended meanwhile
+            pass
 
 
 def build_engine(spec: InstanceSpec, instance_id: str) -> tuple[InstanceEngine, dict]:

@@ -16,7 +16,7 @@ def test_migration_bench_reports_every_figure_per_length(tmp_path, capsys):
 
     out = tmp_path / "migration.json"
     try:
-        assert main(["bench", "migration", "--lengths", "64,300", "--others", "1", "--json", str(out)]) == 0
+        assert main(["bench", "migration", "--lengths", "64,300", "--others", "1", "--repeats", "2", "--json", str(out)]) == 0
     finally:
         ray.shutdown()
     r = json.loads(out.read_text())
