@@ -87,10 +87,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
     cores = sorted(os.sched_getaffinity(0))
     source_cores, other_cores = tuple(cores[:max(1, len(cores) // 2)]), tuple(cores[len(cores) // 2:] or cores)
-    pin_process(other_cores)  # before Ray starts: its processes inherit this
     args.source_cores, args.other_cores = source_cores, other_cores
-    start_ray(None)
-    result = asyncio.run(_measure(lengths, args))
+    pin_process(other_cores)  # before Ray starts: its processes inherit this
+    try:
+        start_ray(None)
+        result = asyncio.run(_measure(lengths, args))
+    finally:
+        pin_process(tuple(cores))  # a caller in this process (a test) gets every core back
     _print(result)
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -15,11 +16,15 @@ def test_migration_bench_reports_every_figure_per_length(tmp_path, capsys):
     import ray
 
     out = tmp_path / "migration.json"
+    cores = os.sched_getaffinity(0)
     try:
         assert main(["bench", "migration", "--lengths", "64,300", "--others", "1", "--repeats", "2", "--json", str(out)]) == 0
     finally:
         ray.shutdown()
+    # The bench pins itself beside the destination while it runs, and lets go afterwards.
+    assert os.sched_getaffinity(0) == cores
     r = json.loads(out.read_text())
+    assert r["source_cores"] and r["other_cores"]
     assert r["lengths"] == [64, 300]
     for key in ("downtime_ms", "blocking_copy_ms", "recompute_ms", "decode_step_ms", "source_slowdown"):
         assert len(r[key]) == 2
