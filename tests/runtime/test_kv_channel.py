@@ -28,3 +28,26 @@ def test_everything_else_goes_through_the_object_store():
     assert kv_channel(ray_instance("0", "a", True), ray_instance("1", "a", True, "object-store")) == "object-store"
     local = LocalInstance("1", InstanceSpec(executor="null"))
     assert kv_channel(ray_instance("0", "a", True), local) == "object-store"
+
+
+def test_background_copies_yield_the_cpu_and_a_final_stage_copy_does_not():
+    import os
+    import threading
+
+    from shunter.runtime.ray_instance import COPY_THREAD_NICE, _copy_priority
+
+    def nice_after(background: bool) -> int:
+        seen = []
+
+        def copy() -> None:  # a copy thread of its own, as each concurrency group has
+            _copy_priority(background)
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+        thread = threading.Thread(target=copy)
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice_after(False) == base
+    assert nice_after(True) == max(base, COPY_THREAD_NICE)
