@@ -86,7 +86,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from shunter.server.cli import start_ray
 
     cores = sorted(os.sched_getaffinity(0))
-    source_cores, other_cores = tuple(cores[:max(1, len(cores) // 2)]), tuple(cores[len(cores) // 2:] or cores)
+    source_cores, other_cores = tuple(cores[:max(1, len(cores) // 2)]), tuple(cores[len(cores) // 2:])
     args.source_cores, args.other_cores = source_cores, other_cores
     pin_process(other_cores)  # before Ray starts: its processes inherit this
     try:
@@ -254,10 +254,11 @@ def source_step_ratios(steps: list, m, num_decodes: int, since: float) -> tuple[
     length just before it (the control: how much steps vary with no migration at all).
 
     Each step of the source that ended in a window is compared with the mean step of the same
-    batch outside it (the mean, not the median: the caller averages the ratios, and step times are
-    skewed to the right, so a median baseline would read a slowdown into identical steps): `num_decodes` decodes (the migrating request and the others) from `since` to
-    the window, one fewer after the final stage suspended the request there. Steps with a prefill
-    are left out; so is a batch with no baseline. The caller pools the ratios of several migrations.
+    batch outside it: `num_decodes` decodes (the migrating request and the others) from `since` to
+    the window, one fewer after the final stage suspended the request there. The mean, not the
+    median: the caller averages the ratios, and step times are skewed to the right, so a median
+    baseline would read a slowdown into identical steps. Steps with a prefill are left out; so is a
+    batch with no baseline. The caller pools the ratios of several migrations.
     """
     def batch(n: int, lo: float, hi: float) -> list[float]:
         return [s.seconds for s in steps if not s.prefill and s.num_decodes == n and lo < s.ended_at <= hi]

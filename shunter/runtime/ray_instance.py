@@ -103,16 +103,12 @@ COPY_THREAD_NICE = 10
 
 
 def _copy_priority(background: bool) -> None:
-    """A background stage's copy yields the CPU to the steps; a final stage's, which the request
-    waits on, runs at the normal priority (it comes in its own concurrency group, whose threads are
-    never lowered: an unprivileged thread cannot raise its priority again)."""
-    if background:
-        yield_to_steps()
-
-
-def yield_to_steps() -> None:
-    """Lower this thread's CPU priority to COPY_THREAD_NICE (Linux: a thread's own nice value); once is enough."""
-    if getattr(_copy_thread, "niced", False):
+    """A background stage's copy lowers its thread's CPU priority to COPY_THREAD_NICE (Linux: a
+    thread's own nice value; once per thread is enough) and so yields the CPU to the steps. A final
+    stage's copy, which the request waits on, keeps the normal priority: it comes in a concurrency
+    group of its own, whose threads are never lowered (an unprivileged thread cannot raise its
+    priority again)."""
+    if not background or getattr(_copy_thread, "niced", False):
         return
     _copy_thread.niced = True
     try:

@@ -18,7 +18,8 @@ def test_migration_bench_reports_every_figure_per_length(tmp_path, capsys):
     out = tmp_path / "migration.json"
     cores = os.sched_getaffinity(0)
     try:
-        assert main(["bench", "migration", "--lengths", "64,300", "--others", "1", "--repeats", "2", "--json", str(out)]) == 0
+        assert main(["bench", "migration", "--lengths", "64,300", "--others", "1", "--repeats", "2",
+                     "--json", str(out)]) == 0
     finally:
         ray.shutdown()
     # The bench pins itself beside the destination while it runs, and lets go afterwards.
