@@ -64,6 +64,10 @@ def register(bench_subparsers) -> None:
                    help="requests decoding on the destination meanwhile")
     p.add_argument("--repeats", type=int, default=5,
                    help="live shared-memory migrations per length; the source slowdown pools their steps")
+    p.add_argument("--source-calls", default="other-cores", choices=["other-cores", "source-cores"],
+                   help="where the source's threads that receive and answer calls (Ray's) run: on the other "
+                        "cores, so that only its steps run on its own (as a GPU instance's steps lose nothing "
+                        "to its CPU answering calls), or on the source's cores with its steps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the figures here")
     p.set_defaults(func=run_bench)
@@ -119,15 +123,16 @@ async def _measure(lengths: list[int], args) -> dict:
     # record_steps: the source's own step times give its slowdown during a migration.
     # The serving default step budget (512 tokens): with 2,048 one prefill chunk at 8,000 tokens of
     # context runs for over a minute on one core of an AMD EPYC host, past the health check.
+    control = args.other_cores if args.source_calls == "other-cores" else None
     spec = InstanceSpec(model=source_path(source), dtype=args.dtype, num_threads=1, record_steps=True,
-                        cpu_affinity=args.source_cores)
+                        cpu_affinity=args.source_cores, control_cpu_affinity=control)
     frontend = Frontend(ray_handles, spec, build_policy("rr"), "bench", tokenizer.eos_token_id)
     await frontend.start(1)
-    frontend.spec = spec.replace(cpu_affinity=args.other_cores)
+    frontend.spec = spec.replace(cpu_affinity=args.other_cores, control_cpu_affinity=None)
     await frontend.add_instance()
     # A third instance whose cache is private, as with `--kv-channel object-store`: migrations to it
     # take Ray's object store, so both channels are measured side by side.
-    frontend.spec = spec.replace(kv_channel="object-store", cpu_affinity=args.other_cores)
+    frontend.spec = spec.replace(kv_channel="object-store", cpu_affinity=args.other_cores, control_cpu_affinity=None)
     await frontend.add_instance()
     channels = {"1": kv_channel(frontend.get_handle("0"), frontend.get_handle("1")),
                 "2": kv_channel(frontend.get_handle("0"), frontend.get_handle("2"))}
@@ -245,6 +250,7 @@ async def _measure(lengths: list[int], args) -> dict:
         "repeats": args.repeats,
         "source_cores": list(args.source_cores),
         "other_cores": list(args.other_cores),
+        "source_calls": args.source_calls,
     }
 
 
@@ -280,7 +286,8 @@ def _ratios(steps: list, lo: float, hi: float, baselines: dict[int, list[float]]
 
 def _print(r: dict) -> None:
     print(f"shunter bench migration: Ray-actor instances of the built-in model (1 thread each), "
-          f"{r['others']} other requests decoding on the source (cores {r['source_cores']}), "
+          f"{r['others']} other requests decoding on the source (cores {r['source_cores']}; the threads "
+          f"answering its calls on {'the other cores' if r['source_calls'] == 'other-cores' else 'the same'}), "
           f"{r['destination_others']} on the destination (cores {r['other_cores']}, with this process and Ray); "
           f"source slowdown pooled over {r['repeats']} live shared-memory migrations per length")
     print("channel shared-memory (the destination reads the source's cache):")

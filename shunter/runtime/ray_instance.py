@@ -28,24 +28,26 @@ import threading
 from shunter.request import Request
 from shunter.runtime.engine_loop import EngineLoop, StepMessage
 from shunter.runtime.handles import CopyTimedOut, InstanceHandle, InstanceState
-from shunter.runtime.spec import InstanceSpec, build_engine, pin_process
+from shunter.runtime.spec import InstanceSpec, build_engine, pinned_compute
 
 
 class InstanceWorker:
     """The actor's body: builds the engine where it runs and drives it with an `EngineLoop`."""
 
     def __init__(self, instance_id: str, spec: InstanceSpec) -> None:
-        if spec.cpu_affinity is not None:
-            pin_process(spec.cpu_affinity)  # before the engine starts torch's threads: they inherit it
-        engine, self.facts = build_engine(spec, instance_id)
+        # The engine's threads (torch's, the loop's) start inside the block, on the compute cores;
+        # Ray's threads, which answer calls, move to the control cores after it, when the spec names them.
+        with pinned_compute(spec.cpu_affinity, spec.control_cpu_affinity):
+            engine, self.facts = build_engine(spec, instance_id)
+            self.facts["cpus"] = sorted(os.sched_getaffinity(0))
+            self.config = engine.config
+            self.loop = EngineLoop(engine, spec.report_interval, record_steps=spec.record_steps)
+            self.loop.start()
         self.executor = engine.executor
         self.kv_share = getattr(self.executor, "kv_share", None)  # the null executor has no cache to share
         self.facts["host"] = os.uname().nodename
-        self.facts["cpus"] = sorted(os.sched_getaffinity(0))
+        self.facts["control_cpus"] = sorted(os.sched_getaffinity(0))
         self.facts["kv_cache"] = "private" if self.kv_share is None else "shared-memory"
-        self.config = engine.config
-        self.loop = EngineLoop(engine, spec.report_interval, record_steps=spec.record_steps)
-        self.loop.start()
 
     def info(self) -> dict:
         return {"config": self.config, "facts": self.facts, "report": self.loop.load_report().result(),

@@ -8,6 +8,7 @@ the real model's executor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -42,9 +43,13 @@ class InstanceSpec:
     migration_copy_rate: bytes per second at most for the copies of a live migration's
         background stages over shared memory (those that run while the request still decodes at
         the source); None: unpaced. The final stage, while the request waits, is never paced.
-    cpu_affinity: the CPU cores a Ray-actor instance's process runs on (every thread of it, its
-        torch threads included), so instances sharing a machine do not take each other's cores;
-        None: wherever the OS puts it.
+    cpu_affinity: the CPU cores a Ray-actor instance computes on (its engine loop and torch's
+        threads), so instances sharing a machine do not take each other's cores; None: wherever
+        the OS puts it.
+    control_cpu_affinity: the cores of the instance's other threads (Ray's, which receive calls,
+        and the threads that answer them and copy KV for migrations), when they should not take
+        time from the steps on `cpu_affinity`, as a GPU instance's steps lose none to its CPU
+        answering calls; None: the same cores as `cpu_affinity`.
     """
 
     model: str | None = None
@@ -66,6 +71,7 @@ class InstanceSpec:
     kv_channel: str = "shared-memory"
     migration_copy_rate: float | None = DEFAULT_MIGRATION_COPY_RATE
     cpu_affinity: tuple[int, ...] | None = None
+    control_cpu_affinity: tuple[int, ...] | None = None
     record_steps: bool = False  # keep every step's batch summary and time (benchmarks: `recorded_steps`)
 
     def __post_init__(self) -> None:
@@ -79,10 +85,13 @@ class InstanceSpec:
             raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
         if self.report_interval <= 0:
             raise ValueError(f"report interval must be positive, got {self.report_interval!r}")
-        if self.cpu_affinity is not None:
-            cores = os.cpu_count() or 1
-            if not self.cpu_affinity or any(not 0 <= c < cores for c in self.cpu_affinity):
-                raise ValueError(f"cpu_affinity must name cores within 0..{cores - 1}, got {self.cpu_affinity!r}")
+        cores = os.cpu_count() or 1
+        for name in ("cpu_affinity", "control_cpu_affinity"):
+            value = getattr(self, name)
+            if value is not None and (not value or any(not 0 <= c < cores for c in value)):
+                raise ValueError(f"{name} must name cores within 0..{cores - 1}, got {value!r}")
+        if self.control_cpu_affinity is not None and self.cpu_affinity is None:
+            raise ValueError("control_cpu_affinity needs cpu_affinity (the cores the instance computes on)")
 
     def scheduler_config(self, num_blocks: int, model_max_len: int) -> SchedulerConfig:
         max_len = model_max_len if self.max_model_len is None else self.max_model_len
@@ -107,13 +116,37 @@ NULL_MAX_MODEL_LEN = 8192
 NULL_NUM_BLOCKS = 8192
 
 
-def pin_process(cores: tuple[int, ...]) -> None:
-    """Run every thread of this process, and every thread it starts later, on `cores` only (Linux)."""
-    for tid in os.listdir("/proc/self/task"):
+def thread_ids() -> list[int]:
+    """The native ids of this process's threads (Linux)."""
+    return [int(tid) for tid in os.listdir("/proc/self/task")]
+
+
+def pin_threads(tids, cores: tuple[int, ...]) -> None:
+    """Run these threads, and the threads each of them starts later, on `cores` only (Linux)."""
+    for tid in tids:
         try:
-            os.sched_setaffinity(int(tid), cores)
+            os.sched_setaffinity(tid, cores)
         except ProcessLookupError:  # a thread that has ended meanwhile
             pass
+
+
+def pin_process(cores: tuple[int, ...]) -> None:
+    """Run every thread of this process, and every thread it starts later, on `cores` only (Linux)."""
+    pin_threads(thread_ids(), cores)
+
+
+@contextlib.contextmanager
+def pinned_compute(cores: tuple[int, ...] | None, control_cores: tuple[int, ...] | None = None):
+    """Threads started inside the block (an engine's loop, torch's threads) run on `cores`; the
+    threads that existed before it (in a Ray actor: Ray's, which receive calls and start the threads
+    that answer them, and this one) move to `control_cores` at its end, when given. Nothing changes
+    when `cores` is None."""
+    existing = thread_ids()
+    if cores is not None:
+        pin_threads(existing, cores)  # the threads started inside inherit it
+    yield
+    if cores is not None and control_cores is not None:
+        pin_threads(existing, control_cores)
 
 
 def build_engine(spec: InstanceSpec, instance_id: str) -> tuple[InstanceEngine, dict]:
