@@ -34,6 +34,7 @@ class ClusterReplayResult:
     wall_seconds: float = 0.0
     dispatches: dict[str, int] = field(default_factory=dict)  # instance id -> requests dispatched there
     steps: list = field(default_factory=list)  # the instances' steps (ProfileStep), when they recorded them
+    steps_by_instance: dict[str, list] = field(default_factory=dict)  # the same, per instance id
 
     @property
     def num_committed(self) -> int:

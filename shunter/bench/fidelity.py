@@ -38,6 +38,7 @@ the replay moves them by 5-15 %.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 import time
@@ -442,8 +443,9 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
     if args.calibration_requests:
         calibration = make_workload(args.calibration_requests, args.rate, args.seed + CALIBRATION_SEED_OFFSET,
                                     real.vocab_size)
-    measured, calibration_steps = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress,
-                                                                 calibration))
+    measured, calibration_by_instance = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress,
+                                                                       calibration))
+    calibration_steps = [s for steps in calibration_by_instance.values() for s in steps]
     load_after = load_average()
     scale = None
     if calibration_steps:
@@ -472,6 +474,9 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
         "requests": per_request(workload, measured.records, sim_result.records),
         "calibration": {"requests": args.calibration_requests, "steps": len(calibration_steps), "scale": scale},
         "diagnostics": {"replay_steps": step_model_error(latency, measured.steps) if measured.steps else None,
+                        # The (scaled) model against steps with and without another instance stepping meanwhile.
+                        "co_running": {"calibration": co_running(latency, calibration_by_instance),
+                                       "replay": co_running(latency, measured.steps_by_instance)},
                         "sim_steps": sum(sim_result.instance_num_steps.values()),
                         "replay_seconds": measured.wall_seconds, "sim_wall_seconds": sim_wall,
                         "load_average": {"before": load_before, "after": load_after}},
@@ -510,9 +515,9 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
             from tqdm import tqdm
 
             bar = tqdm(total=len(workload.real), unit="req", desc="replaying", leave=False)
-        calibration_steps = []
+        calibration_steps: dict[str, list] = {}
         if calibration is not None:
-            calibration_steps = (await _steps_of(frontend, replay_cluster(frontend, calibration.real))).steps
+            calibration_steps = (await _steps_of(frontend, replay_cluster(frontend, calibration.real))).steps_by_instance
             frontend.migrations.history.clear()
         result = await _steps_of(frontend, replay_cluster(frontend, workload.real,
                                                           on_finish=bar.update if bar else None))
@@ -530,9 +535,36 @@ async def _steps_of(frontend, replay):
     """Run `replay`; its result, with `.steps` set to the instances' own steps during it."""
     before = {h.instance_id: len(await h.recorded_steps()) for h in frontend.handles.values()}
     result = await replay
-    steps = [s for h in frontend.handles.values() for s in (await h.recorded_steps())[before[h.instance_id]:]]
-    result.steps = steps
+    result.steps_by_instance = {h.instance_id: (await h.recorded_steps())[before[h.instance_id]:]
+                                for h in frontend.handles.values()}
+    result.steps = [s for steps in result.steps_by_instance.values() for s in steps]
     return result
+
+
+def co_running(latency, steps_by_instance: dict[str, list]) -> dict:
+    """How the real steps compare with the latency model when another instance was stepping at the
+    same time and when none was: instances that share a host's cores and memory slow each other,
+    which a model profiled on one instance alone does not see. A step counts as co-running when
+    steps of other instances cover at least half of it (instances on one machine share its
+    monotonic clock). Per group: how many steps, and real over predicted seconds in total."""
+    spans = {iid: sorted((s.ended_at - s.seconds, s.ended_at) for s in steps) for iid, steps in steps_by_instance.items()}
+    groups: dict[str, list[float]] = {"co_running": [0, 0.0, 0.0], "alone": [0, 0.0, 0.0]}
+    for iid, steps in steps_by_instance.items():
+        others = sorted(span for other, ss in spans.items() if other != iid for span in ss)
+        starts = [a for a, _ in others]
+        for s in steps:
+            lo, hi = s.ended_at - s.seconds, s.ended_at
+            covered = 0.0
+            i = max(0, bisect.bisect_right(starts, lo) - 1)
+            while i < len(others) and others[i][0] < hi:
+                covered += max(0.0, min(hi, others[i][1]) - max(lo, others[i][0]))
+                i += 1
+            g = groups["co_running" if covered >= 0.5 * s.seconds else "alone"]
+            g[0] += 1
+            g[1] += s.seconds
+            g[2] += latency.step_time(s.prefill, s.num_decodes, s.sum_decode_context)
+    return {name: {"steps": n, "real_over_predicted": real / predicted if predicted else None}
+            for name, (n, real, predicted) in groups.items()}
 
 
 def calibrated(latency, steps):
@@ -595,5 +627,10 @@ def format_cluster_report(report: dict) -> str:
         lines.append(f"latency model on the real instances' {s['steps']} steps: mean |error| {s['mean_abs_error']:.1%}, "
                      f"median {s['median_abs_error']:.1%}; busy time real {s['busy_seconds_real']:.1f} s, predicted "
                      f"{s['busy_seconds_predicted']:.1f} s; simulator {d['sim_steps']} steps")
+    for phase, groups in (d.get("co_running") or {}).items():
+        parts = [f"{name.replace('_', '-')} {g['steps']} steps, real/predicted {g['real_over_predicted']:.3f}"
+                 for name, g in groups.items() if g["steps"]]
+        if parts:
+            lines.append(f"{phase} steps, another instance stepping meanwhile or not: " + "; ".join(parts))
     lines.append(f"replay {d['replay_seconds']:.1f} s; load average {d['load_average']}")
     return "\n".join(lines)

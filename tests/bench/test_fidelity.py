@@ -155,3 +155,24 @@ def test_a_profile_from_another_cpu_is_flagged():
     assert other_machine_warning({}, "Intel Xeon") is None  # an older profile that does not say
     warning = other_machine_warning({"cpu": "AMD EPYC"}, "Intel Xeon")
     assert "AMD EPYC" in warning and "Intel Xeon" in warning
+
+
+def test_co_running_splits_steps_by_whether_another_instance_stepped_meanwhile():
+    from shunter.bench.fidelity import co_running
+    from shunter.sim.profiled import ProfileStep
+
+    class Flat:  # predicts 1 s for every step
+        def step_time(self, prefill, num_decodes, sum_decode_context):
+            return 1.0
+
+    def step(end: float, seconds: float) -> ProfileStep:
+        return ProfileStep([], 1, 10, seconds, end)
+
+    # Instance a: a step in [0, 1] alone, and a 1.2 s step in [2, 3.2] that b's [2.5, 3.5] covers by 0.7 s.
+    # Instance b: its [2.5, 3.5] step is covered by a's for 0.7 s of 1 s; its [5, 6] step runs alone.
+    out = co_running(Flat(), {"a": [step(1.0, 1.0), step(3.2, 1.2)], "b": [step(3.5, 1.0), step(6.0, 1.0)]})
+    assert out["co_running"] == {"steps": 2, "real_over_predicted": pytest.approx(2.2 / 2.0)}
+    assert out["alone"] == {"steps": 2, "real_over_predicted": pytest.approx(1.0)}
+    # Steps covered for less than half their length count as alone (0.3 s of 1 s each here).
+    out = co_running(Flat(), {"a": [step(1.0, 1.0)], "b": [step(1.7, 1.0)]})
+    assert out["co_running"]["steps"] == 0 and out["alone"]["steps"] == 2
