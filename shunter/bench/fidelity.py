@@ -443,9 +443,10 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
     if args.calibration_requests:
         calibration = make_workload(args.calibration_requests, args.rate, args.seed + CALIBRATION_SEED_OFFSET,
                                     real.vocab_size)
-    measured, calibration_by_instance = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress,
-                                                                       calibration))
-    calibration_steps = [s for steps in calibration_by_instance.values() for s in steps]
+    measured, calibration_run = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress,
+                                                               calibration))
+    calibration_steps = calibration_run.steps if calibration_run is not None else []
+    calibration_by_instance = calibration_run.steps_by_instance if calibration_run is not None else {}
     load_after = load_average()
     scale = None
     if calibration_steps:
@@ -515,13 +516,13 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
             from tqdm import tqdm
 
             bar = tqdm(total=len(workload.real), unit="req", desc="replaying", leave=False)
-        calibration_steps: dict[str, list] = {}
+        calibration_run = None
         if calibration is not None:
-            calibration_steps = (await _steps_of(frontend, replay_cluster(frontend, calibration.real))).steps_by_instance
+            calibration_run = await _steps_of(frontend, replay_cluster(frontend, calibration.real))
             frontend.migrations.history.clear()
         result = await _steps_of(frontend, replay_cluster(frontend, workload.real,
                                                           on_finish=bar.update if bar else None))
-        return result, calibration_steps
+        return result, calibration_run
     finally:
         if bar is not None:
             bar.close()

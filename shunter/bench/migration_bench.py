@@ -128,11 +128,11 @@ async def _measure(lengths: list[int], args) -> dict:
                         cpu_affinity=args.source_cores, control_cpu_affinity=control)
     frontend = Frontend(ray_handles, spec, build_policy("rr"), "bench", tokenizer.eos_token_id)
     await frontend.start(1)
-    frontend.spec = spec.replace(cpu_affinity=args.other_cores, control_cpu_affinity=None)
+    frontend.spec = beside = spec.replace(cpu_affinity=args.other_cores, control_cpu_affinity=None)
     await frontend.add_instance()
     # A third instance whose cache is private, as with `--kv-channel object-store`: migrations to it
     # take Ray's object store, so both channels are measured side by side.
-    frontend.spec = spec.replace(kv_channel="object-store", cpu_affinity=args.other_cores, control_cpu_affinity=None)
+    frontend.spec = beside.replace(kv_channel="object-store")
     await frontend.add_instance()
     channels = {"1": kv_channel(frontend.get_handle("0"), frontend.get_handle("1")),
                 "2": kv_channel(frontend.get_handle("0"), frontend.get_handle("2"))}
