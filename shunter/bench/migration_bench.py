@@ -35,7 +35,8 @@ none: the freest instance, which is where the pairing policies send work).
 
 The same live and blocking migrations to a third instance whose cache is
 private (`--kv-channel object-store`, Ray's object store: the channel across
-machines) show what the choice of channel changes.
+machines by default) and to a fourth that takes the blocks over a gloo link
+(`--kv-channel torch-distributed`) show what the choice of channel changes.
 """
 
 from __future__ import annotations
@@ -134,10 +135,13 @@ async def _measure(lengths: list[int], args) -> dict:
     # take Ray's object store, so both channels are measured side by side.
     frontend.spec = beside.replace(kv_channel="object-store")
     await frontend.add_instance()
-    channels = {"1": kv_channel(frontend.get_handle("0"), frontend.get_handle("1")),
-                "2": kv_channel(frontend.get_handle("0"), frontend.get_handle("2"))}
-    if channels != {"1": "shared-memory", "2": "object-store"}:
-        raise CLIError(f"expected a shared-memory and an object-store channel, got {channels}")
+    # A fourth, as with `--kv-channel torch-distributed`: the source sends its blocks over gloo.
+    frontend.spec = beside.replace(kv_channel="torch-distributed")
+    await frontend.add_instance()
+    expected = {"1": "shared-memory", "2": "object-store", "3": "torch-distributed"}
+    channels = {i: kv_channel(frontend.get_handle("0"), frontend.get_handle(i)) for i in expected}
+    if channels != expected:
+        raise CLIError(f"expected a shared-memory, an object-store and a torch-distributed channel, got {channels}")
     rng = np.random.default_rng(0)
     vocab = tokenizer.vocab_size
 
@@ -161,7 +165,8 @@ async def _measure(lengths: list[int], args) -> dict:
     # (mode, destination, stage limit, repeats): the live shared-memory migration is repeated so that
     # its source slowdown pools enough steps to be read against the control's noise.
     modes = (("live", "1", live_stages, args.repeats), ("blocking", "1", 1, 1),
-             ("live_object_store", "2", live_stages, 1), ("blocking_object_store", "2", 1, 1))
+             ("live_object_store", "2", live_stages, 1), ("blocking_object_store", "2", 1, 1),
+             ("live_torch_distributed", "3", live_stages, 1), ("blocking_torch_distributed", "3", 1, 1))
     rows = []
     try:
         for length in lengths:
@@ -219,7 +224,7 @@ async def _measure(lengths: list[int], args) -> dict:
             rows.append(row)
             print(f"  length {length}: downtime {row['live_downtime_ms']:.1f} ms, blocking copy "
                   f"{row['blocking_downtime_ms']:.1f} ms (object store: {row['blocking_object_store_downtime_ms']:.1f} "
-                  f"ms), recompute {row['recompute_ms']:.0f} ms, decode step {row['decode_step_ms']:.1f} ms, "
+                  f"ms, gloo: {row['blocking_torch_distributed_downtime_ms']:.1f} ms), recompute {row['recompute_ms']:.0f} ms, decode step {row['decode_step_ms']:.1f} ms, "
                   f"source slowdown {_percent(row['live_source_slowdown'])} (control "
                   f"{_percent(row['live_source_control'])}, {row['live_source_steps']} steps)",
                   flush=True)
@@ -244,6 +249,13 @@ async def _measure(lengths: list[int], args) -> dict:
             "blocking_copy_ms": [r["blocking_object_store_downtime_ms"] for r in rows],
             "source_slowdown": [r["live_object_store_source_slowdown"] for r in rows],
             "source_slowdown_control": [r["live_object_store_source_control"] for r in rows],
+        },
+        # And over gloo (`--kv-channel torch-distributed`: on one machine or across machines).
+        "torch_distributed": {
+            "downtime_ms": [r["live_torch_distributed_downtime_ms"] for r in rows],
+            "blocking_copy_ms": [r["blocking_torch_distributed_downtime_ms"] for r in rows],
+            "source_slowdown": [r["live_torch_distributed_source_slowdown"] for r in rows],
+            "source_slowdown_control": [r["live_torch_distributed_source_control"] for r in rows],
         },
         "others": args.others,
         "destination_others": args.destination_others,
@@ -296,6 +308,8 @@ def _print(r: dict) -> None:
     # The client's gaps and the repeats: measured on shared memory only.
     other = {k: v for k, v in r.items() if k not in ("max_gap_ms", "downtime_max_ms")}
     _print_channel(r["lengths"], {**other, **r["object_store"]})
+    print("channel torch-distributed (the source sends its blocks over a gloo link):")
+    _print_channel(r["lengths"], {**other, **r["torch_distributed"]})
 
 
 def _print_channel(lengths: list[int], r: dict) -> None:

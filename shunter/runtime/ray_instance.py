@@ -1,12 +1,14 @@
 """Instances as Ray actors: each one its own process, its engine loop a thread inside it.
 
 Live migration's engine calls and KV copies are actor calls too. A copy takes
-one of two channels (`kv_channel`): between two instances on one machine whose
+one of three channels (`kv_channel`): between two instances on one machine whose
 caches are in shared memory, the destination reads the blocks straight from the
 source's cache (shunter/model/shared_kv.py), so the source spends nothing on
-it; otherwise the source reads the blocks and the payload goes to the
-destination through Ray's object store (Ray's transfer across machines).
-`shunter bench migration` measures both. Copies run in concurrency groups of
+it; with `--kv-channel torch-distributed` the source reads the blocks and sends
+them to the destination over a gloo link between the two processes
+(shunter/runtime/torch_channel.py); otherwise the source reads the blocks and
+the payload goes to the destination through Ray's object store (Ray's transfer
+across machines). `shunter bench migration` measures all three. Copies run in concurrency groups of
 their own, beside the engine's steps rather than between them (copy_safe in
 handles.py says why that is safe), so they never stall the step loop: the
 background stages' copies at a low CPU priority, the final stage's (the
@@ -22,6 +24,7 @@ there is no process manager or RPC layer of Shunter's own.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 
@@ -48,6 +51,10 @@ class InstanceWorker:
         self.facts["host"] = os.uname().nodename
         self.facts["control_cpus"] = sorted(os.sched_getaffinity(0))
         self.facts["kv_cache"] = "private" if self.kv_share is None else "shared-memory"
+        self.facts["kv_channel"] = spec.kv_channel
+        self.instance_id = instance_id
+        self.kv_links = None  # this instance's gloo links, from its first torch-distributed copy on
+        self._kv_links_lock = threading.Lock()
 
     def info(self) -> dict:
         return {"config": self.config, "facts": self.facts, "report": self.loop.load_report().result(),
@@ -86,6 +93,34 @@ class InstanceWorker:
         """Copy blocks of another instance's shared cache on this machine into reserved `block_ids`."""
         _copy_priority(background)
         self.executor.pull_blocks(share, src_block_ids, block_ids, max_bytes_per_s)
+
+    def kv_link_address(self) -> str:
+        """Where this instance's torch-distributed links meet ("host:port"); it listens from the first call on."""
+        with self._kv_links_lock:
+            if self.kv_links is None:
+                import ray
+
+                from shunter.runtime.torch_channel import KVLinks
+
+                self.kv_links = KVLinks(self.instance_id, ray.util.get_node_ip_address())
+        return self.kv_links.address
+
+    def send_blocks(self, peer_id: str, peer_address: str, key: str, block_ids: list[int], tag: int,
+                    background: bool = True) -> None:
+        """Send these blocks' KV, all layers, to instance `peer_id` over the pair's gloo link, beside a
+        running step; the peer takes them with `receive_blocks` and the same key and tag."""
+        _copy_priority(background)
+        self.kv_links.send(peer_id, peer_address, key, self.executor.read_blocks(block_ids), tag)
+
+    def receive_blocks(self, peer_id: str, peer_address: str, key: str, block_ids: list[int], dtype: str, tag: int,
+                       background: bool = True) -> None:
+        """Store the KV that `peer_id` sends with `send_blocks` (in its cache's `dtype`) into reserved `block_ids`."""
+        from shunter.runtime.torch_channel import dtype_named
+
+        _copy_priority(background)
+        shape = (self.executor.kv_cache.shape[0], len(block_ids), *self.executor.kv_cache.shape[2:])
+        payload = self.kv_links.receive(peer_id, peer_address, key, shape, dtype_named(dtype), tag)
+        self.executor.write_blocks(block_ids, payload)
 
     def recorded_steps(self) -> list:
         return list(self.loop.step_log or [])
@@ -136,6 +171,7 @@ class RayInstance(InstanceHandle):
         super().__init__(instance_id, spec, role)
         self.actor = None
         self.kv_share = None  # where the cache is, when it is in shared memory
+        self.kv_link = None  # where its torch-distributed links meet ("host:port"), once asked
 
     async def start(self) -> None:
         import ray
@@ -184,21 +220,39 @@ class RayInstance(InstanceHandle):
         import ray
 
         group = "copy" if background else "final_copy"
-        if kv_channel(self, dst) == "shared-memory":
-            written = dst.actor.pull_blocks.options(concurrency_group=group).remote(
+        channel = kv_channel(self, dst)
+        key = None
+        if channel == "shared-memory":
+            written = [dst.actor.pull_blocks.options(concurrency_group=group).remote(
                 self.kv_share, src_block_ids, dst_block_ids, dst.spec.migration_copy_rate if background else None,
-                background)
+                background)]
+        elif channel == "torch-distributed":
+            for end in (self, dst):
+                if end.kv_link is None:
+                    end.kv_link = ray.get(end.actor.kv_link_address.options(concurrency_group=group).remote(),
+                                          timeout=timeout)
+            key, tag = _link_key(self.instance_id, dst.instance_id), next(_link_tags)
+            sent = self.actor.send_blocks.options(concurrency_group=group).remote(
+                dst.instance_id, dst.kv_link, key, src_block_ids, tag, background)
+            received = dst.actor.receive_blocks.options(concurrency_group=group).remote(
+                self.instance_id, self.kv_link, key, dst_block_ids, self.facts["dtype"], tag, background)
+            written = [sent, received]
         else:
             # The payload goes from this actor to the destination actor through Ray's object store;
             # the frontend passes only the reference.
             payload = self.actor.read_blocks.options(concurrency_group=group).remote(src_block_ids, background)
-            written = dst.actor.write_blocks.options(concurrency_group=group).remote(dst_block_ids, payload, background)
+            written = [dst.actor.write_blocks.options(concurrency_group=group).remote(dst_block_ids, payload,
+                                                                                      background)]
         try:
             ray.get(written, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
+            _break(key)
             raise CopyTimedOut(f"copying {len(src_block_ids)} KV blocks from instance {self.instance_id} to "
                                f"{dst.instance_id} took over {timeout:g} s",
-                               lambda: ray.wait([written], timeout=None)) from None
+                               lambda: ray.wait(written, num_returns=len(written), timeout=None)) from None
+        except Exception:
+            _break(key)
+            raise
 
     def _send_add(self, request: Request) -> None:
         self.actor.add_request.remote(request)
@@ -214,9 +268,39 @@ class RayInstance(InstanceHandle):
 
 
 def kv_channel(src: InstanceHandle, dst: InstanceHandle) -> str:
-    """The channel a copy from `src` to `dst` takes: "shared-memory" or "object-store" (see the module's doc)."""
+    """The channel a copy from `src` to `dst` takes: "shared-memory", "torch-distributed" or
+    "object-store" (see the module's doc)."""
+    if (isinstance(src, RayInstance) and isinstance(dst, RayInstance) and dst.spec.kv_channel == "torch-distributed"
+            and src.facts.get("executor") == dst.facts.get("executor") == "model"):
+        return "torch-distributed"
     share = getattr(src, "kv_share", None)
     if (share is not None and isinstance(dst, RayInstance) and dst.spec.kv_channel != "object-store"
             and dst.facts.get("host") == share.host):
         return "shared-memory"
     return "object-store"
+
+
+# torch-distributed copies: each gets a tag of its own on its pair's link; a link whose copy failed
+# or timed out is never used again (its two ends may be out of step), the pair's next copy joins a
+# new one under the next key.
+_link_tags = itertools.count(1)
+_link_generations: dict[tuple[str, str], int] = {}
+_broken_links: set[str] = set()
+_links_lock = threading.Lock()  # copies are started from the migration driver's threads
+
+
+def _link_key(a: str, b: str) -> str:
+    """The key of the gloo link between instances `a` and `b` (either direction): a new one after a failure."""
+    pair = (a, b) if a < b else (b, a)
+    with _links_lock:
+        generation = _link_generations.get(pair, 0)
+        if f"{pair[0]}/{pair[1]}/{generation}" in _broken_links:
+            generation += 1
+            _link_generations[pair] = generation
+        return f"{pair[0]}/{pair[1]}/{generation}"
+
+
+def _break(key: str | None) -> None:
+    if key is not None:
+        with _links_lock:
+            _broken_links.add(key)

@@ -17,7 +17,7 @@ from shunter.config import SchedulerConfig
 from shunter.engine import InstanceEngine
 
 EXECUTORS = ("model", "null")
-KV_CHANNELS = ("shared-memory", "object-store")
+KV_CHANNELS = ("shared-memory", "object-store", "torch-distributed")
 # A background stage's copy at full memory speed slows the source's memory-bound decode steps by
 # about 5 %; at 1 GB/s by about 1 % (docs/benchmarks.md, "Live migration"), and 8k tokens of the
 # built-in model's KV still move in under 0.2 s.
@@ -38,8 +38,9 @@ class InstanceSpec:
     report_interval: seconds between the load reports the instance pushes.
     kv_channel: how live migration moves KV between Ray-actor instances: "shared-memory" (the
         destination reads the source's cache directly when both are on one machine with CPU
-        caches; Ray's object store where that cannot work) or "object-store" (always Ray's
-        object store; the cache is then private memory).
+        caches; Ray's object store where that cannot work), "object-store" (always Ray's
+        object store; the cache is then private memory) or "torch-distributed" (the source sends
+        the blocks to the destination over a gloo link between the two processes; private caches).
     migration_copy_rate: bytes per second at most for the copies of a live migration's
         background stages over shared memory (those that run while the request still decodes at
         the source); None: unpaced. The final stage, while the request waits, is never paced.
@@ -169,6 +170,6 @@ def build_engine(spec: InstanceSpec, instance_id: str) -> tuple[InstanceEngine, 
     num_blocks = spec.num_blocks or default_num_blocks(loaded.config, spec.block_size, dtype, device)
     config = spec.scheduler_config(num_blocks, loaded.config.max_model_len)
     executor = ModelExecutor(loaded.model, num_blocks, spec.block_size, seed=spec.seed,
-                             share_kv=spec.kv_channel != "object-store")
+                             share_kv=spec.kv_channel == "shared-memory")
     facts.update(dtype=str(dtype).removeprefix("torch."), device=str(device), num_threads=torch.get_num_threads())
     return InstanceEngine(config, executor, instance_id), facts

@@ -74,7 +74,9 @@ def register(subparsers) -> None:
                    help="how live migration moves KV between instances: shared-memory lets the destination "
                         "read the source's cache directly when both are on this machine with CPU caches (the "
                         "source spends nothing on the copy; elsewhere Ray's object store is used); "
-                        "object-store always goes through Ray (default shared-memory)")
+                        "object-store always goes through Ray; torch-distributed sends the blocks from the "
+                        "source's process to the destination's over a gloo link (TCP), on one machine or across "
+                        "machines (default shared-memory)")
     p.add_argument("--migration-copy-rate", type=float, default=DEFAULT_MIGRATION_COPY_RATE / 1e9, metavar="GB_PER_S",
                    help="over shared memory, a live migration's stages that run while the request still decodes "
                         "copy at most this many GB/s, so that the source's steps keep their memory bandwidth "

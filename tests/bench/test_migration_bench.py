@@ -33,9 +33,13 @@ def test_migration_bench_reports_every_figure_per_length(tmp_path, capsys):
     # A live migration copies in stages; its last stage is small.
     assert all(stages >= 2 for stages in r["stages"])
     assert all(blocks[-1] <= 2 for blocks in r["blocks_per_stage"])
-    # Both channels measured side by side; the source's own steps give its slowdown.
-    for key in ("downtime_ms", "blocking_copy_ms", "source_slowdown", "source_slowdown_control"):
-        assert len(r["object_store"][key]) == 2
-    assert all(x is not None and x > 0 for x in r["source_slowdown"] + r["object_store"]["source_slowdown"])
+    # The three channels measured side by side; the source's own steps give its slowdown.
+    for channel in ("object_store", "torch_distributed"):
+        for key in ("downtime_ms", "blocking_copy_ms", "source_slowdown", "source_slowdown_control"):
+            assert len(r[channel][key]) == 2
+        assert all(x > 0 for x in r[channel]["downtime_ms"] + r[channel]["blocking_copy_ms"])
+    assert all(x is not None and x > 0 for x in r["source_slowdown"] + r["object_store"]["source_slowdown"]
+               + r["torch_distributed"]["source_slowdown"])
     printed = capsys.readouterr().out
     assert "recompute/downtime" in printed and "channel object-store" in printed
+    assert "channel torch-distributed" in printed

@@ -11,7 +11,7 @@ from shunter.runtime.spec import InstanceSpec
 def ray_instance(instance_id: str, host: str, shared: bool, channel: str = "shared-memory") -> RayInstance:
     """A RayInstance as `start` leaves it (no actor needed to decide a channel)."""
     inst = RayInstance(instance_id, InstanceSpec(kv_channel=channel))
-    inst.facts = {"host": host}
+    inst.facts = {"host": host, "executor": "model"}
     inst.kv_share = KVShare(host, 1234, 7, (30, 64, 16, 6, 64), "bfloat16") if shared else None
     return inst
 
@@ -28,6 +28,17 @@ def test_everything_else_goes_through_the_object_store():
     assert kv_channel(ray_instance("0", "a", True), ray_instance("1", "a", True, "object-store")) == "object-store"
     local = LocalInstance("1", InstanceSpec(executor="null"))
     assert kv_channel(ray_instance("0", "a", True), local) == "object-store"
+
+
+def test_a_torch_distributed_destination_takes_the_blocks_over_gloo_between_two_model_instances():
+    gloo = "torch-distributed"
+    assert kv_channel(ray_instance("0", "a", False, gloo), ray_instance("1", "b", False, gloo)) == gloo
+    # Chosen by the destination, as the other channels are; from a shared cache too.
+    assert kv_channel(ray_instance("0", "a", True), ray_instance("1", "a", False, gloo)) == gloo
+    assert kv_channel(ray_instance("0", "a", False, gloo), ray_instance("1", "a", True)) == "object-store"
+    null = ray_instance("1", "a", False, gloo)
+    null.facts["executor"] = "null"  # no KV to send
+    assert kv_channel(ray_instance("0", "a", False, gloo), null) == "object-store"
 
 
 def test_background_copies_yield_the_cpu_and_a_final_stage_copy_does_not():

@@ -33,6 +33,19 @@ def ray_server():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def gloo_server(ray_server):
+    """Two more instances, in the Ray started for `ray_server`, whose migrations send KV over gloo."""
+    source = prepare_checkpoint(None)
+    tokenizer, model_len = load_tokenizer_and_context(source)
+    spec = InstanceSpec(model=source_path(source), num_threads=1, max_model_len=1024, num_blocks=512,
+                        kv_channel="torch-distributed")
+    server = Server(ServerSettings(port=0, num_instances=2, served_model_names=(MODEL,)), spec,
+                    build_policy("rr"), tokenizer, model_len, ray_handles).start_in_thread(timeout=180)
+    yield server
+    server.stop()
+
+
 def test_instances_are_separate_processes(ray_server):
     listed = httpx.get(ray_server.url + "/admin/instances").json()["instances"]
     pids = {i["facts"]["pid"] for i in listed}
@@ -76,8 +89,14 @@ def test_concurrent_chat_streams_on_both_instances(ray_server):
         assert f'shunter_dispatches_total{{engine="{instance}",policy="round-robin"}}' in metrics
 
 
-def test_a_live_migration_between_ray_actors_keeps_the_greedy_output(ray_server):
+@pytest.mark.parametrize("channel", ["shared-memory", "torch-distributed"])
+def test_a_live_migration_between_ray_actors_keeps_the_greedy_output(channel, request):
     from shunter import LLM, SamplingParams
+
+    ray_server = request.getfixturevalue("ray_server" if channel == "shared-memory" else "gloo_server")
+    listed = httpx.get(ray_server.url + "/admin/instances").json()["instances"]
+    assert {i["facts"]["kv_channel"] for i in listed} == {channel}
+    assert {i["facts"]["kv_cache"] for i in listed} == {"shared-memory" if channel == "shared-memory" else "private"}
 
     # Over 40 tokens: several full KV blocks of 16 exist whenever the migration starts.
     prompt = ("Write a short story about a lighthouse keeper who lives alone on a rocky island, keeps a "
