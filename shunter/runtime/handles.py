@@ -169,6 +169,10 @@ class InstanceHandle:
         decodes meanwhile, so the copy may be paced (`InstanceSpec.migration_copy_rate`)."""
         raise NotImplementedError
 
+    def forget_peer(self, instance_id: str) -> None:
+        """Instance `instance_id` is gone: drop whatever this instance keeps for copying KV with it
+        (nothing here; a Ray instance's gloo links, `--kv-channel torch-distributed`)."""
+
     def _send_add(self, request: Request) -> None:
         raise NotImplementedError
 

@@ -122,6 +122,11 @@ class InstanceWorker:
         payload = self.kv_links.receive(peer_id, peer_address, key, shape, dtype_named(dtype), tag)
         self.executor.write_blocks(block_ids, payload)
 
+    def forget_link_peer(self, peer_id: str) -> None:
+        """Drop this instance's gloo links to `peer_id`, which is gone."""
+        if self.kv_links is not None:
+            self.kv_links.forget(peer_id)
+
     def recorded_steps(self) -> list:
         return list(self.loop.step_log or [])
 
@@ -253,6 +258,10 @@ class RayInstance(InstanceHandle):
         except Exception:
             _break(key)
             raise
+
+    def forget_peer(self, instance_id: str) -> None:
+        if self.kv_link is not None and self.actor is not None:
+            self.actor.forget_link_peer.remote(instance_id)
 
     def _send_add(self, request: Request) -> None:
         self.actor.add_request.remote(request)

@@ -62,6 +62,7 @@ class KVLinks:
         self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
         self.address = f"{host}:{self._store.port}"
         self._groups: dict[str, dist.ProcessGroupGloo] = {}
+        self._peers: dict[str, str] = {}  # link key -> the peer's instance id
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -78,10 +79,24 @@ class KVLinks:
         self._finish(key, group.recv([raw], peer_rank, tag))
         return payload_from_bytes(raw, shape, dtype)
 
+    def forget(self, peer_id: str) -> None:
+        """Drop the links to `peer_id` (gone: removed from the cluster, or failed)."""
+        with self._locks_lock:
+            for key in [k for k, p in self._peers.items() if p == peer_id]:
+                self._groups.pop(key, None)
+                self._peers.pop(key, None)
+                self._locks.pop(key, None)
+
+    @property
+    def peers(self) -> set[str]:
+        """The instances this one has a link to."""
+        return {self._peers[k] for k in self._groups if k in self._peers}
+
     def close(self) -> None:
         """Drop every link (a peer waiting on one fails at its timeout)."""
         with self._locks_lock:
             self._groups.clear()
+            self._peers.clear()
 
     def _finish(self, key: str, work) -> None:
         try:
@@ -110,4 +125,5 @@ class KVLinks:
                 options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
                 group = dist.ProcessGroupGloo(dist.PrefixStore(f"shunter-kv/{key}", store), rank, 2, options)
                 self._groups[key] = group
+                self._peers[key] = peer_id
         return group, 1 - rank

@@ -338,6 +338,7 @@ class Frontend:
         self._scaling_down.discard(handle.instance_id)
         self.metrics.forget_instance(handle.instance_id)
         self.metrics.instance_failures.inc()
+        self._forget_peer(handle.instance_id)
         for stream in [s for s in self.streams.values() if s.instance_id == handle.instance_id]:
             if stream.request_id in self._migrating:
                 # A commit may already have handed it to the destination: the migration's outcome decides.
@@ -348,6 +349,12 @@ class Frontend:
         if self.restart_failed:
             self._num_starting += 1
             asyncio.create_task(self._replace(handle))
+
+    def _forget_peer(self, instance_id: str) -> None:
+        """The others drop what they keep for copying KV with the instance that is gone (gloo links)."""
+        for other in self.handles.values():
+            if other.instance_id != instance_id and other.state not in (InstanceState.STOPPED, InstanceState.FAILED):
+                other.forget_peer(instance_id)
 
     def _resume(self, stream: RequestStream) -> None:
         """Re-prefill a request whose instance died (prompt + the tokens already streamed) on a healthy
@@ -518,6 +525,7 @@ class Frontend:
         self.metrics.forget_instance(instance_id)
         handle.state = InstanceState.STOPPED
         asyncio.create_task(handle.shutdown())
+        self._forget_peer(instance_id)
         self._update_state_gauge()
 
     def _migrated(self, m: Migration) -> None:

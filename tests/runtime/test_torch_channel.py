@@ -36,6 +36,21 @@ def test_blocks_arrive_bit_for_bit_in_either_direction_on_one_link(pair):
     assert list(a._groups) == list(b._groups) == ["3/10/0"]  # joined once, reused
 
 
+def test_the_links_to_a_peer_that_is_gone_are_dropped_and_a_new_key_joins_afresh(pair):
+    a, b = pair
+    with ThreadPoolExecutor(2) as pool:
+        got = pool.submit(b.receive, "3", a.address, "3/10/0", (3,), torch.float32, 1)
+        a.send("10", b.address, "3/10/0", torch.ones(3), 1)
+        got.result(timeout=30)
+        assert a.peers == {"10"} and b.peers == {"3"}
+        a.forget("10")
+        b.forget("3")
+        assert a.peers == b.peers == set() and a._groups == b._groups == {}
+        got = pool.submit(b.receive, "3", a.address, "3/10/1", (3,), torch.float32, 2)
+        a.send("10", b.address, "3/10/1", torch.full((3,), 2.0), 2)
+        assert torch.equal(got.result(timeout=30), torch.full((3,), 2.0))
+
+
 def test_copies_in_flight_together_are_told_apart_by_their_tags(pair):
     a, b = pair
     first, second = torch.zeros(1000), torch.ones(1000)

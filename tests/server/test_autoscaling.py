@@ -7,7 +7,7 @@ import pytest
 
 from shunter.cluster.bundles import build_policy
 from shunter.cluster.scaling import ScalingConfig
-from shunter.runtime.handles import InstanceState
+from shunter.runtime.handles import InstanceState, LocalInstance
 from shunter.runtime.spec import InstanceSpec
 from shunter.server.frontend import Frontend
 from shunter.server.runner import wait_until
@@ -19,7 +19,9 @@ def states(server) -> list[tuple[str, str]]:
     return [(i["id"], i["state"]) for i in httpx.get(server.url + "/admin/instances").json()["instances"]]
 
 
-def test_load_adds_an_instance_and_the_lull_after_drains_and_stops_one(start_fake_server):
+def test_load_adds_an_instance_and_the_lull_after_drains_and_stops_one(start_fake_server, monkeypatch):
+    forgotten = []  # (instance, the peer it is told is gone): gloo links to it are dropped
+    monkeypatch.setattr(LocalInstance, "forget_peer", lambda self, peer: forgotten.append((self.instance_id, peer)))
     scaling = ScalingConfig(min_instances=1, max_instances=2, policy="freeness", sustain=0.1, cooldown=0.3,
                             interval=0.05, startup_delay=0.0)
     server = start_fake_server(instances=1, num_blocks=64, step_time=0.01, scaling=scaling)
@@ -41,6 +43,7 @@ def test_load_adds_an_instance_and_the_lull_after_drains_and_stops_one(start_fak
     assert gone.state is InstanceState.STOPPED
     # Stopped only once empty: its engine (loop ended) holds no request and no block.
     assert not gone.loop.engine.scheduler.requests and gone.loop.engine.scheduler.block_manager.num_used_blocks == 0
+    assert forgotten == [(next(i for i, s in states(server) if s == "ready"), stopped[0])]
 
 
 def test_a_frontend_refuses_autoscaling_with_pd():
