@@ -63,6 +63,7 @@ PACKAGED = "packaged"  # `--profile packaged`: the profile shipped with Shunter
 CLUSTER_NUM_BLOCKS = 64
 CLUSTER_CALIBRATION_REQUESTS = 40
 CALIBRATION_SEED_OFFSET = 1000  # the calibration workload's seed: never the measured one
+REPLAY_SEED_OFFSET = 2000  # prompt tokens of the measured workload's repeated replays (`--replays`)
 CONTROL_INTERVAL = 0.05  # seconds: `shunter serve`'s default control and report intervals
 # What a migration stage costs between two instances on one machine (Ray calls and a copy through
 # shared memory): a few calls of a few ms each on a busy 2-core host, and memory-copy bandwidth.
@@ -99,6 +100,20 @@ def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
         tokens = rng.integers(LOW_TOKEN_ID, vocab_size, size=prompt).tolist()
         real.append(TimedRequest(w.request_id, w.arrival_time, tokens, output))
     return FidelityWorkload(sim, real)
+
+
+def with_fresh_prompts(workload: FidelityWorkload, seed: int, vocab_size: int) -> FidelityWorkload:
+    """The same requests (lengths, arrivals, ids) with other random prompt token ids: a repeated replay
+    that the instances' prefix caches cannot serve from the replay before."""
+    import numpy as np
+
+    from shunter.bench.replay import TimedRequest
+    from shunter.profiling.profiler import LOW_TOKEN_ID
+
+    rng = np.random.default_rng(seed)
+    return FidelityWorkload(workload.sim, [
+        TimedRequest(r.request_id, r.arrival_time, rng.integers(LOW_TOKEN_ID, vocab_size, size=len(r.prompt_token_ids))
+                     .tolist(), r.max_tokens) for r in workload.real])
 
 
 def simulate(workload: FidelityWorkload, latency, max_model_len: int, num_instances: int = 1,
@@ -244,6 +259,10 @@ def register(bench_subparsers) -> None:
     p.add_argument("--num-blocks", type=int, default=CLUSTER_NUM_BLOCKS,
                    help="KV blocks per instance of both clusters (with --instances > 1): few enough that memory "
                         "fills and the migration policy has work")
+    p.add_argument("--replays", type=int, default=1,
+                   help="with --instances > 1: replay the measured workload this many times on the same "
+                        "instances, and report how far the real runs are from each other (their own spread) "
+                        "beside the simulator's error against each and against their median")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     p.error = one_line_error
@@ -277,6 +296,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--calibration-requests must be >= 0, got {args.calibration_requests}")
     if args.num_blocks < 1:
         raise ValueError(f"--num-blocks must be at least 1, got {args.num_blocks}")
+    if args.replays < 1:
+        raise ValueError(f"--replays must be at least 1, got {args.replays}")
+    if args.replays > 1 and not cluster:
+        raise ValueError(f"--replays {args.replays} applies with --instances > 1 only")
     if args.instances > 1:
         from shunter.cluster.bundles import BUNDLES
 
@@ -443,8 +466,9 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
     if args.calibration_requests:
         calibration = make_workload(args.calibration_requests, args.rate, args.seed + CALIBRATION_SEED_OFFSET,
                                     real.vocab_size)
-    measured, calibration_run = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress,
-                                                               calibration))
+    replays, calibration_run = asyncio.run(_replay_on_cluster(args, real, workload, config, show_progress,
+                                                              calibration))
+    measured = replays[0]  # the report's figures are the first replay's; later ones give the spread
     calibration_steps = calibration_run.steps if calibration_run is not None else []
     calibration_by_instance = calibration_run.steps_by_instance if calibration_run is not None else {}
     load_after = load_average()
@@ -482,6 +506,10 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
                         "replay_seconds": measured.wall_seconds, "sim_wall_seconds": sim_wall,
                         "load_average": {"before": load_before, "after": load_after}},
     }
+    if len(replays) > 1:
+        report["replays"] = replay_spread([latency_figures(r.records) for r in replays], report["sim"])
+        for entry, r in zip(report["replays"]["runs"], replays):
+            entry["migrations"] = {"real": r.num_committed, "real_aborted": len(r.migrations) - r.num_committed}
     print(format_cluster_report(report))
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -515,14 +543,20 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
         if show_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(workload.real), unit="req", desc="replaying", leave=False)
+            bar = tqdm(total=len(workload.real) * args.replays, unit="req", desc="replaying", leave=False)
         calibration_run = None
         if calibration is not None:
             calibration_run = await _steps_of(frontend, replay_cluster(frontend, calibration.real))
             frontend.migrations.history.clear()
-        result = await _steps_of(frontend, replay_cluster(frontend, workload.real,
-                                                          on_finish=bar.update if bar else None))
-        return result, calibration_run
+        results = []
+        for k in range(args.replays):
+            frontend.migrations.history.clear()
+            # Each replay after the first: its own prompt tokens, so no prefix-cache hit carries over.
+            requests = workload.real if k == 0 else with_fresh_prompts(
+                workload, args.seed + REPLAY_SEED_OFFSET + k, real.vocab_size).real
+            results.append(await _steps_of(frontend, replay_cluster(frontend, requests,
+                                                                    on_finish=bar.update if bar else None)))
+        return results, calibration_run
     finally:
         if bar is not None:
             bar.close()
@@ -566,6 +600,23 @@ def co_running(latency, steps_by_instance: dict[str, list]) -> dict:
             g[2] += latency.step_time(s.prefill, s.num_decodes, s.sum_decode_context)
     return {name: {"steps": n, "real_over_predicted": real / predicted if predicted else None}
             for name, (n, real, predicted) in groups.items()}
+
+
+def replay_spread(real_runs: list[dict[str, float]], sim: dict[str, float]) -> dict:
+    """Several real replays of one workload against one simulation: each run's figures and the
+    simulator's errors against it; per metric the real runs' own spread, (max - min) / median (how
+    far the real system is from repeating itself: no prediction is within half of it of every run);
+    and the simulator's error against the runs' median."""
+    import statistics
+
+    median = {m: statistics.median(r[m] for r in real_runs) for m in METRICS}
+    return {
+        "runs": [{"real": {m: r[m] for m in METRICS}, "errors": compare(r, sim)} for r in real_runs],
+        "real_spread": {m: (max(r[m] for r in real_runs) - min(r[m] for r in real_runs)) / median[m]
+                        for m in METRICS},
+        "real_median": median,
+        "errors_vs_median": compare(median, sim),
+    }
 
 
 def calibrated(latency, steps):
@@ -634,4 +685,11 @@ def format_cluster_report(report: dict) -> str:
         if parts:
             lines.append(f"{phase} steps, another instance stepping meanwhile or not: " + "; ".join(parts))
     lines.append(f"replay {d['replay_seconds']:.1f} s; load average {d['load_average']}")
+    spread = report.get("replays")
+    if spread is not None:
+        lines.append(f"{len(spread['runs'])} replays of the same workload, real figures (simulator's error):")
+        for m in METRICS:
+            runs = ", ".join(f"{r['real'][m]:.3f}s ({r['errors'][f'{m}_err']:.1%})" for r in spread["runs"])
+            lines.append(f"  {m:<10} {runs}; real spread {spread['real_spread'][m]:.1%}, simulator vs their "
+                         f"median {spread['errors_vs_median'][f'{m}_err']:.1%}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shunter.bench.fidelity import compare, latency_figures, make_workload, other_machine_warning, simulate
+from shunter.bench.fidelity import (compare, latency_figures, make_workload, other_machine_warning, replay_spread,
+                                    simulate, with_fresh_prompts)
 from shunter.bench.replay import TimedRequest, replay
 from shunter.cli import main
 from shunter.engine import InstanceEngine
@@ -109,6 +110,33 @@ def test_workload_is_seeded_and_fits_the_context():
     assert make_workload(50, rate=1.0, seed=8, vocab_size=49152).real != w1.real
 
 
+def test_a_repeated_replay_has_the_same_requests_with_other_prompt_tokens():
+    w = make_workload(30, rate=1.0, seed=7, vocab_size=49152)
+    again = with_fresh_prompts(w, 2001, 49152)
+    assert again.sim == w.sim and again == with_fresh_prompts(w, 2001, 49152)
+    for a, b in zip(w.real, again.real):
+        assert (a.request_id, a.arrival_time, a.max_tokens) == (b.request_id, b.arrival_time, b.max_tokens)
+        assert len(a.prompt_token_ids) == len(b.prompt_token_ids) and all(100 <= t < 49152 for t in b.prompt_token_ids)
+    # No prompt of the first replay is a prefix-cache hit for the next (the first block already differs).
+    assert all(a.prompt_token_ids[:16] != b.prompt_token_ids[:16] for a, b in zip(w.real, again.real)
+               if len(a.prompt_token_ids) >= 16)
+
+
+def test_replay_spread_is_how_far_real_runs_are_from_each_other_and_the_simulator_from_their_median():
+    def figures(ttft99: float, tpot99: float) -> dict:
+        return {"ttft_p50": 0.3, "ttft_p99": ttft99, "tpot_p50": 0.035, "tpot_p99": tpot99}
+
+    runs = [figures(5.0, 0.090), figures(7.0, 0.080), figures(6.0, 0.100)]
+    spread = replay_spread(runs, figures(6.3, 0.081))
+    assert spread["real_median"]["ttft_p99"] == 6.0 and spread["real_median"]["tpot_p99"] == 0.090
+    assert spread["real_spread"]["ttft_p99"] == pytest.approx(2.0 / 6.0)
+    assert spread["real_spread"]["tpot_p99"] == pytest.approx(0.020 / 0.090)
+    assert spread["real_spread"]["ttft_p50"] == 0.0
+    assert spread["errors_vs_median"]["ttft_p99_err"] == pytest.approx(0.05)
+    assert spread["errors_vs_median"]["tpot_p99_err"] == pytest.approx(0.1)
+    assert [r["errors"]["ttft_p99_err"] for r in spread["runs"]] == pytest.approx([0.26, 0.1, 0.05])
+
+
 def test_simulate_serves_every_request():
     workload = make_workload(20, rate=2.0, seed=0, vocab_size=1000)
     result = simulate(workload, ConstantLatency(0.05), max_model_len=8192)
@@ -126,6 +154,8 @@ def test_simulate_serves_every_request():
     (["bench", "fidelity", "--profile-rounds", "0"], "--profile-rounds"),
     (["bench", "fidelity", "--json", "/nonexistent/dir/out.json"], "/nonexistent/dir/out.json"),
     (["bench", "fidelity", "--wait-idle", "-5"], "--wait-idle"),
+    (["bench", "fidelity", "--instances", "2", "--replays", "0"], "--replays"),
+    (["bench", "fidelity", "--replays", "2"], "--replays 2 applies with --instances > 1"),
 ])
 def test_bad_input_is_one_line(argv, named, capsys):
     assert main(argv) == 2
