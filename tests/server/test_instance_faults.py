@@ -57,6 +57,8 @@ def metric(server, name: str) -> float:
 
 def test_a_dead_instances_stream_resumes_elsewhere_with_the_same_tokens(start_fake_server):
     server = start_fake_server(instances=2, policy="rr", step_time=0.01)
+    forgotten = []  # the live instance is told to drop its KV links to the dead one
+    server.frontend.handles["1"].forget_peer = forgotten.append
     reference, _ = complete(server, max_tokens=60)  # instance 0
     complete(server, max_tokens=1)  # instance 1: round robin is back on 0
     stream = client(server).completions.create(model=MODEL, prompt=PROMPT, max_tokens=60, temperature=0,
@@ -66,6 +68,7 @@ def test_a_dead_instances_stream_resumes_elsewhere_with_the_same_tokens(start_fa
     assert chunks[-1].usage.completion_tokens == 60
     assert all(c.choices[0].finish_reason in (None, "length") for c in chunks if c.choices)
     assert server.frontend.handles["0"].state.value == "failed"
+    assert forgotten == ["0"]
     assert metric(server, "shunter_request_resumes_total") == 1
     assert metric(server, "shunter_instance_failures_total") == 1
     assert complete(server, max_tokens=60)[0] == reference  # dispatch goes on, to the live instance
