@@ -193,8 +193,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{m:<10} {real[m]:>8.3f}s {sim[m]:>8.3f}s {err:>7.1%}{flag}")
     c = report.get("calibration")
     if c is not None and c["scale"] is not None:
-        lines.append(f"latency model scaled x{c['scale']:.3f}{_parts(c)} to the engine's steps on a separate "
-                     f"calibration workload ({c['requests']} requests, {c['steps']} steps)")
+        lines.append(f"latency model scaled x{c['scale']:.3f} to the engine's steps on a separate calibration "
+                     f"workload ({c['requests']} requests, {c['steps']} steps)")
     s = report["diagnostics"]["replay_steps"]
     lines.append(f"latency model on the real run's {s['steps']} steps: mean |error| {s['mean_abs_error']:.1%}, "
                  f"median {s['median_abs_error']:.1%}; busy time real {s['busy_seconds_real']:.1f} s, predicted "
@@ -210,12 +210,6 @@ def format_report(report: dict) -> str:
                      f"{contention:.0%} of the step time for a CPU); the real figures are not this engine's alone, "
                      f"run again when the machine is idle")
     return "\n".join(lines)
-
-
-def _parts(calibration: dict) -> str:
-    """" (decode part xD, prefill part xP)" of a calibration, when it scaled the two apart."""
-    d, p = calibration.get("decode_scale"), calibration.get("prefill_scale")
-    return "" if d is None or d == p else f" (decode part x{d:.3f}, prefill part x{p:.3f})"
 
 
 def other_machine_warning(metadata: dict, this_cpu: str) -> str | None:
@@ -388,12 +382,12 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
         return _run_cluster(args, real, workload, latency, profile, show_progress)
     if args.wait_idle:
         wait_until_idle(args.wait_idle)
-    calibration_steps, scales = [], {"scale": None}
+    calibration_steps, scale = [], None
     if args.calibration_requests:
         calibration = make_workload(args.calibration_requests, args.rate, args.seed + CALIBRATION_SEED_OFFSET,
                                     real.vocab_size)
         calibration_steps = replay(real.engine, calibration.real).steps
-        latency, scales = calibrated(latency, calibration_steps)
+        latency, scale = calibrated(latency, calibration_steps)
     load_before = load_average()
     cpu_before = CpuSnapshot.take()
     bar = None
@@ -427,7 +421,7 @@ def _run(args, profile, dtype: str, threads: int, show_progress: bool) -> int:
                     "measured_at": profile.metadata.get("measured_at"),
                     "load_average": profile.metadata.get("load_average")},
         "requests": per_request(workload, measured.records, sim_result.records),
-        "calibration": {"requests": args.calibration_requests, "steps": len(calibration_steps), **scales},
+        "calibration": {"requests": args.calibration_requests, "steps": len(calibration_steps), "scale": scale},
         "diagnostics": {
             "replay_steps": step_model_error(latency, measured.steps),
             "sim_steps": sim_result.instance_num_steps["0"],
@@ -478,9 +472,9 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
     calibration_steps = calibration_run.steps if calibration_run is not None else []
     calibration_by_instance = calibration_run.steps_by_instance if calibration_run is not None else {}
     load_after = load_average()
-    scales = {"scale": None}
+    scale = None
     if calibration_steps:
-        latency, scales = calibrated(latency, calibration_steps)
+        latency, scale = calibrated(latency, calibration_steps)
     t0 = time.perf_counter()
     sim_result = simulate(workload, latency, real.max_model_len, args.instances, args.policy, kv_bytes,
                           args.num_blocks)
@@ -503,7 +497,7 @@ def _run_cluster(args, real, workload: FidelityWorkload, latency, profile, show_
                     "cpu": profile.metadata.get("cpu"), "coefficients": latency.coefficients,
                     "fit_error": latency.fit_error},
         "requests": per_request(workload, measured.records, sim_result.records),
-        "calibration": {"requests": args.calibration_requests, "steps": len(calibration_steps), **scales},
+        "calibration": {"requests": args.calibration_requests, "steps": len(calibration_steps), "scale": scale},
         "diagnostics": {"replay_steps": step_model_error(latency, measured.steps) if measured.steps else None,
                         # The (scaled) model against steps with and without another instance stepping meanwhile.
                         "co_running": {"calibration": co_running(latency, calibration_by_instance),
@@ -625,42 +619,19 @@ def replay_spread(real_runs: list[dict[str, float]], sim: dict[str, float]) -> d
     }
 
 
-DECODE_PART = ("intercept", "num_decodes", "sum_decode_context")  # what a decode-only step costs
-
-
 def calibrated(latency, steps):
-    """The latency model scaled to `steps` (the real run's own, on a calibration workload): the
-    profiler times bare steps of a grid, one shape at a time; a serving instance also answers polls
-    and migration calls in its process, beside a frontend and Ray on the same cores, and a
-    machine's speed drifts between the profile and the replay.
-
-    Two scales, as the two parts of a step are not slowed alike: the decode part (intercept and
-    per-decode terms) so that the decode-only steps are predicted in total, then the prefill part
-    so that the steps with a prefill are too. With one scale for every step, the simulated TPOT
-    p50 of three cluster runs came out 4-5 points further under the real one than the total busy
-    time did (docs/benchmarks.md): the decode steps were predicted short. With no step of one kind,
-    or an inconsistent fit (a negative prefill scale), one scale for both.
-    Returns (model, {"scale": the one scale, "decode_scale", "prefill_scale"})."""
+    """The latency model scaled so that it predicts `steps` (the real run's own, on a calibration
+    workload) in total: the profiler times bare steps of a grid, one shape at a time; a serving
+    instance also answers polls and migration calls in its process, beside a frontend and Ray on
+    the same cores, and a machine's speed drifts between the profile and the replay.
+    Returns (model, scale)."""
     from shunter.sim.profiled import ProfiledLatency
 
-    def predict(s) -> float:
-        return latency.step_time(s.prefill, s.num_decodes, s.sum_decode_context)
-
-    scale = sum(s.seconds for s in steps) / sum(predict(s) for s in steps)
-    decodes = [s for s in steps if not s.prefill]
-    mixed = [s for s in steps if s.prefill]
-    decode_scale = prefill_scale = scale
-    if decodes and mixed:
-        decode_scale = sum(s.seconds for s in decodes) / sum(predict(s) for s in decodes)
-        decode_part = sum(latency.decode_time(s.num_decodes, s.sum_decode_context) for s in mixed)
-        prefill_part = sum(predict(s) for s in mixed) - decode_part
-        prefill_scale = (sum(s.seconds for s in mixed) - decode_scale * decode_part) / prefill_part
-        if not prefill_scale > 0:
-            decode_scale = prefill_scale = scale
-    scaled = ProfiledLatency({f: c * (decode_scale if f in DECODE_PART else prefill_scale)
-                              for f, c in latency.coefficients.items()}, latency.metadata)
+    predicted = sum(latency.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps)
+    scale = sum(s.seconds for s in steps) / predicted
+    scaled = ProfiledLatency({f: c * scale for f, c in latency.coefficients.items()}, latency.metadata)
     scaled.fit_error = latency.fit_error
-    return scaled, {"scale": scale, "decode_scale": decode_scale, "prefill_scale": prefill_scale}
+    return scaled, scale
 
 
 async def _warm_up(frontend, vocab_size: int) -> None:
@@ -700,8 +671,8 @@ def format_cluster_report(report: dict) -> str:
                  f"sim {report['finished_on']['sim']}")
     c = report["calibration"]
     if c["scale"] is not None:
-        lines.append(f"latency model scaled x{c['scale']:.3f}{_parts(c)} to the serving runtime's steps on a "
-                     f"separate calibration workload ({c['requests']} requests, {c['steps']} steps)")
+        lines.append(f"latency model scaled x{c['scale']:.3f} to the serving runtime's steps on a separate "
+                     f"calibration workload ({c['requests']} requests, {c['steps']} steps)")
     d = report["diagnostics"]
     s = d["replay_steps"]
     if s is not None:

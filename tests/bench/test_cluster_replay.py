@@ -62,30 +62,16 @@ def test_the_simulated_cluster_runs_the_named_policy_on_every_instance():
     assert {r.instance_id for r in result.records} == {"0", "1"}
 
 
-def test_calibration_scales_the_decode_and_prefill_parts_to_the_runtimes_steps():
+def test_calibration_scales_the_latency_model_to_the_runtimes_steps_in_total():
     from shunter.bench.fidelity import calibrated
     from shunter.sim.profiled import ProfiledLatency, ProfileStep
 
     model = ProfiledLatency({"intercept": 0.01, "prefill_tokens": 1e-4, "prefill_attention_pairs": 0.0,
                              "prefill_chunks": 0.0, "prefill_cached_tokens": 0.0, "num_decodes": 1e-3,
                              "sum_decode_context": 1e-6})
-
-    def predicted(m, s) -> float:
-        return m.step_time(s.prefill, s.num_decodes, s.sum_decode_context)
-
-    # The runtime's decode part runs 1.2x the model, its prefill part 0.9x.
-    shapes = [([], 4, 400), ([], 8, 1200), ([(100, 0)], 0, 0), ([(300, 50)], 2, 300)]
-    steps = [ProfileStep(p, n, c, 1.2 * model.decode_time(n, c) + 0.9 * (model.step_time(p, n, c)
-                                                                      - model.decode_time(n, c)))
-             for p, n, c in shapes]
-    scaled, scales = calibrated(model, steps)
-    assert scales["decode_scale"] == pytest.approx(1.2) and scales["prefill_scale"] == pytest.approx(0.9)
-    assert scales["scale"] == pytest.approx(sum(s.seconds for s in steps) / sum(predicted(model, s) for s in steps))
-    for s in steps:  # every step, not only the total
-        assert predicted(scaled, s) == pytest.approx(s.seconds)
+    steps = [ProfileStep([], 4, 400, 0.02), ProfileStep([(100, 0)], 0, 0, 0.03)]
+    predicted = sum(model.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps)
+    scaled, scale = calibrated(model, steps)
+    assert scale == pytest.approx(0.05 / predicted)
+    assert sum(scaled.step_time(s.prefill, s.num_decodes, s.sum_decode_context) for s in steps) == pytest.approx(0.05)
     assert model.coefficients["intercept"] == 0.01  # the original is left alone
-    # Steps of one kind only: one scale, fitted to their total.
-    decode_only = [s for s in steps if not s.prefill]
-    scaled, scales = calibrated(model, decode_only)
-    assert scales["decode_scale"] == scales["prefill_scale"] == scales["scale"] == pytest.approx(1.2)
-    assert scaled.coefficients["prefill_tokens"] == pytest.approx(1.2e-4)
