@@ -85,7 +85,6 @@ def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
     import numpy as np
 
     from shunter.bench.replay import TimedRequest
-    from shunter.profiling.profiler import LOW_TOKEN_ID
     from shunter.sim.workloads import WorkloadSpec, load_workload
 
     scale = context / SHAREGPT_MAX_TOKENS
@@ -97,8 +96,7 @@ def make_workload(num_requests: int, rate: float, seed: int, vocab_size: int,
         output = max(1, min(round(w.num_output_tokens * scale), context - prompt))
         w = replace(w, num_prompt_tokens=prompt, num_output_tokens=output)
         sim.append(w)
-        tokens = rng.integers(LOW_TOKEN_ID, vocab_size, size=prompt).tolist()
-        real.append(TimedRequest(w.request_id, w.arrival_time, tokens, output))
+        real.append(TimedRequest(w.request_id, w.arrival_time, _random_prompt(rng, prompt, vocab_size), output))
     return FidelityWorkload(sim, real)
 
 
@@ -108,12 +106,18 @@ def with_fresh_prompts(workload: FidelityWorkload, seed: int, vocab_size: int) -
     import numpy as np
 
     from shunter.bench.replay import TimedRequest
-    from shunter.profiling.profiler import LOW_TOKEN_ID
 
     rng = np.random.default_rng(seed)
     return FidelityWorkload(workload.sim, [
-        TimedRequest(r.request_id, r.arrival_time, rng.integers(LOW_TOKEN_ID, vocab_size, size=len(r.prompt_token_ids))
-                     .tolist(), r.max_tokens) for r in workload.real])
+        TimedRequest(r.request_id, r.arrival_time, _random_prompt(rng, len(r.prompt_token_ids), vocab_size),
+                     r.max_tokens) for r in workload.real])
+
+
+def _random_prompt(rng, num_tokens: int, vocab_size: int) -> list[int]:
+    """`num_tokens` random token ids of the vocabulary, above its special tokens."""
+    from shunter.profiling.profiler import LOW_TOKEN_ID
+
+    return rng.integers(LOW_TOKEN_ID, vocab_size, size=num_tokens).tolist()
 
 
 def simulate(workload: FidelityWorkload, latency, max_model_len: int, num_instances: int = 1,
@@ -547,7 +551,6 @@ async def _replay_on_cluster(args, real, workload: FidelityWorkload, config, sho
         calibration_run = None
         if calibration is not None:
             calibration_run = await _steps_of(frontend, replay_cluster(frontend, calibration.real))
-            frontend.migrations.history.clear()
         results = []
         for k in range(args.replays):
             frontend.migrations.history.clear()
@@ -582,7 +585,8 @@ def co_running(latency, steps_by_instance: dict[str, list]) -> dict:
     which a model profiled on one instance alone does not see. A step counts as co-running when
     steps of other instances cover at least half of it (instances on one machine share its
     monotonic clock). Per group: how many steps, and real over predicted seconds in total."""
-    spans = {iid: sorted((s.ended_at - s.seconds, s.ended_at) for s in steps) for iid, steps in steps_by_instance.items()}
+    spans = {iid: sorted((s.ended_at - s.seconds, s.ended_at) for s in steps)
+             for iid, steps in steps_by_instance.items()}
     groups: dict[str, list[float]] = {"co_running": [0, 0.0, 0.0], "alone": [0, 0.0, 0.0]}
     for iid, steps in steps_by_instance.items():
         others = sorted(span for other, ss in spans.items() if other != iid for span in ss)

@@ -53,6 +53,9 @@ from shunter.runtime.ray_instance import kv_channel
 from shunter.sim.cli import HelpFormatter
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048,4096,8000"
+# The channels measured beside shared memory (their keys in the JSON; instances 2 and 3 take them).
+OTHER_CHANNELS = {"object_store": "the source sends its blocks through Ray's object store",
+                  "torch_distributed": "the source sends its blocks over a gloo link"}
 
 
 def register(bench_subparsers) -> None:
@@ -224,7 +227,8 @@ async def _measure(lengths: list[int], args) -> dict:
             rows.append(row)
             print(f"  length {length}: downtime {row['live_downtime_ms']:.1f} ms, blocking copy "
                   f"{row['blocking_downtime_ms']:.1f} ms (object store: {row['blocking_object_store_downtime_ms']:.1f} "
-                  f"ms, gloo: {row['blocking_torch_distributed_downtime_ms']:.1f} ms), recompute {row['recompute_ms']:.0f} ms, decode step {row['decode_step_ms']:.1f} ms, "
+                  f"ms, gloo: {row['blocking_torch_distributed_downtime_ms']:.1f} ms), recompute "
+                  f"{row['recompute_ms']:.0f} ms, decode step {row['decode_step_ms']:.1f} ms, "
                   f"source slowdown {_percent(row['live_source_slowdown'])} (control "
                   f"{_percent(row['live_source_control'])}, {row['live_source_steps']} steps)",
                   flush=True)
@@ -243,20 +247,12 @@ async def _measure(lengths: list[int], args) -> dict:
         "max_gap_ms": [r["max_gap_ms"] for r in rows],
         "stages": [r["stages"] for r in rows],
         "blocks_per_stage": [r["blocks_per_stage"] for r in rows],
-        # The same through Ray's object store (the channel across machines), for the choice of channel.
-        "object_store": {
-            "downtime_ms": [r["live_object_store_downtime_ms"] for r in rows],
-            "blocking_copy_ms": [r["blocking_object_store_downtime_ms"] for r in rows],
-            "source_slowdown": [r["live_object_store_source_slowdown"] for r in rows],
-            "source_slowdown_control": [r["live_object_store_source_control"] for r in rows],
-        },
-        # And over gloo (`--kv-channel torch-distributed`: on one machine or across machines).
-        "torch_distributed": {
-            "downtime_ms": [r["live_torch_distributed_downtime_ms"] for r in rows],
-            "blocking_copy_ms": [r["blocking_torch_distributed_downtime_ms"] for r in rows],
-            "source_slowdown": [r["live_torch_distributed_source_slowdown"] for r in rows],
-            "source_slowdown_control": [r["live_torch_distributed_source_control"] for r in rows],
-        },
+        # The same through Ray's object store and over gloo, for the choice of channel.
+        **{name: {"downtime_ms": [r[f"live_{name}_downtime_ms"] for r in rows],
+                  "blocking_copy_ms": [r[f"blocking_{name}_downtime_ms"] for r in rows],
+                  "source_slowdown": [r[f"live_{name}_source_slowdown"] for r in rows],
+                  "source_slowdown_control": [r[f"live_{name}_source_control"] for r in rows]}
+           for name in OTHER_CHANNELS},
         "others": args.others,
         "destination_others": args.destination_others,
         "repeats": args.repeats,
@@ -304,12 +300,11 @@ def _print(r: dict) -> None:
           f"source slowdown pooled over {r['repeats']} live shared-memory migrations per length")
     print("channel shared-memory (the destination reads the source's cache):")
     _print_channel(r["lengths"], r)
-    print("channel object-store (the source sends its blocks through Ray's object store):")
     # The client's gaps and the repeats: measured on shared memory only.
     other = {k: v for k, v in r.items() if k not in ("max_gap_ms", "downtime_max_ms")}
-    _print_channel(r["lengths"], {**other, **r["object_store"]})
-    print("channel torch-distributed (the source sends its blocks over a gloo link):")
-    _print_channel(r["lengths"], {**other, **r["torch_distributed"]})
+    for name, how in OTHER_CHANNELS.items():
+        print(f"channel {name.replace('_', '-')} ({how}):")
+        _print_channel(r["lengths"], {**other, **r[name]})
 
 
 def _print_channel(lengths: list[int], r: dict) -> None:

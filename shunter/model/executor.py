@@ -194,7 +194,11 @@ class ModelExecutor:
         self._check_blocks_match((share.shape[0], len(block_ids), *share.shape[2:]), len(block_ids), "shared KV cache")
         copy_shared_blocks(share, src_block_ids, self.kv_cache, block_ids, max_bytes_per_s)
 
+    def blocks_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """The shape of `num_blocks` blocks' KV as `read_blocks` returns it and `write_blocks` takes it."""
+        return (self.kv_cache.shape[0], num_blocks, *self.kv_cache.shape[2:])
+
     def _check_blocks_match(self, shape: tuple[int, ...], num_blocks: int, what: str) -> None:
-        expected = (self.kv_cache.shape[0], num_blocks, *self.kv_cache.shape[2:])
+        expected = self.blocks_shape(num_blocks)
         if shape != expected:
             raise ValueError(f"{what} has shape {shape}, expected {expected}")

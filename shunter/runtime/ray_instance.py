@@ -8,8 +8,8 @@ it; with `--kv-channel torch-distributed` the source reads the blocks and sends
 them to the destination over a gloo link between the two processes
 (shunter/runtime/torch_channel.py); otherwise the source reads the blocks and
 the payload goes to the destination through Ray's object store (Ray's transfer
-across machines). `shunter bench migration` measures all three. Copies run in concurrency groups of
-their own, beside the engine's steps rather than between them (copy_safe in
+across machines). `shunter bench migration` measures all three. Copies run in
+concurrency groups of their own, beside the engine's steps rather than between them (copy_safe in
 handles.py says why that is safe), so they never stall the step loop: the
 background stages' copies at a low CPU priority, the final stage's (the
 request waits on it) at the normal one.
@@ -118,8 +118,8 @@ class InstanceWorker:
         from shunter.runtime.torch_channel import dtype_named
 
         _copy_priority(background)
-        shape = (self.executor.kv_cache.shape[0], len(block_ids), *self.executor.kv_cache.shape[2:])
-        payload = self.kv_links.receive(peer_id, peer_address, key, shape, dtype_named(dtype), tag)
+        payload = self.kv_links.receive(peer_id, peer_address, key, self.executor.blocks_shape(len(block_ids)),
+                                        dtype_named(dtype), tag)
         self.executor.write_blocks(block_ids, payload)
 
     def forget_link_peer(self, peer_id: str) -> None:
@@ -226,7 +226,7 @@ class RayInstance(InstanceHandle):
 
         group = "copy" if background else "final_copy"
         channel = kv_channel(self, dst)
-        key = None
+        link = None
         if channel == "shared-memory":
             written = [dst.actor.pull_blocks.options(concurrency_group=group).remote(
                 self.kv_share, src_block_ids, dst_block_ids, dst.spec.migration_copy_rate if background else None,
@@ -236,7 +236,9 @@ class RayInstance(InstanceHandle):
                 if end.kv_link is None:
                     end.kv_link = ray.get(end.actor.kv_link_address.options(concurrency_group=group).remote(),
                                           timeout=timeout)
-            key, tag = _link_key(self.instance_id, dst.instance_id), next(_link_tags)
+            link, tag = _link(self.instance_id, dst.instance_id), next(_link_tags)
+            (a, b), generation = link
+            key = f"{a}/{b}/{generation}"
             sent = self.actor.send_blocks.options(concurrency_group=group).remote(
                 dst.instance_id, dst.kv_link, key, src_block_ids, tag, background)
             received = dst.actor.receive_blocks.options(concurrency_group=group).remote(
@@ -251,12 +253,12 @@ class RayInstance(InstanceHandle):
         try:
             ray.get(written, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            _break(key)
+            _break(link)
             raise CopyTimedOut(f"copying {len(src_block_ids)} KV blocks from instance {self.instance_id} to "
                                f"{dst.instance_id} took over {timeout:g} s",
                                lambda: ray.wait(written, num_returns=len(written), timeout=None)) from None
         except Exception:
-            _break(key)
+            _break(link)
             raise
 
     def forget_peer(self, instance_id: str) -> None:
@@ -291,25 +293,23 @@ def kv_channel(src: InstanceHandle, dst: InstanceHandle) -> str:
 
 # torch-distributed copies: each gets a tag of its own on its pair's link; a link whose copy failed
 # or timed out is never used again (its two ends may be out of step), the pair's next copy joins a
-# new one under the next key.
+# new one under the next generation's key.
 _link_tags = itertools.count(1)
 _link_generations: dict[tuple[str, str], int] = {}
-_broken_links: set[str] = set()
 _links_lock = threading.Lock()  # copies are started from the migration driver's threads
 
 
-def _link_key(a: str, b: str) -> str:
-    """The key of the gloo link between instances `a` and `b` (either direction): a new one after a failure."""
+def _link(a: str, b: str) -> tuple[tuple[str, str], int]:
+    """The pair of instances `a` and `b` (either direction) and the generation of its gloo link."""
     pair = (a, b) if a < b else (b, a)
     with _links_lock:
-        generation = _link_generations.get(pair, 0)
-        if f"{pair[0]}/{pair[1]}/{generation}" in _broken_links:
-            generation += 1
-            _link_generations[pair] = generation
-        return f"{pair[0]}/{pair[1]}/{generation}"
+        return pair, _link_generations.get(pair, 0)
 
 
-def _break(key: str | None) -> None:
-    if key is not None:
+def _break(link: tuple[tuple[str, str], int] | None) -> None:
+    """The link's copy failed: the pair's next copy joins a new link (unless another failure already moved it on)."""
+    if link is not None:
+        pair, generation = link
         with _links_lock:
-            _broken_links.add(key)
+            if _link_generations.get(pair, 0) == generation:
+                _link_generations[pair] = generation + 1

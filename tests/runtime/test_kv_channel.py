@@ -62,3 +62,15 @@ def test_background_copies_yield_the_cpu_and_a_final_stage_copy_does_not():
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert nice_after(False) == base
     assert nice_after(True) == max(base, COPY_THREAD_NICE)
+
+
+def test_a_gloo_link_whose_copy_failed_is_replaced_once_for_the_pair():
+    from shunter.runtime.ray_instance import _break, _link
+
+    first = _link("9", "8")
+    assert first == (("8", "9"), first[1]) and _link("8", "9") == first  # either direction
+    _break(first)
+    second = _link("8", "9")
+    assert second == (("8", "9"), first[1] + 1)
+    _break(first)  # a second failure on the old link (a copy in flight beside it): nothing more moves
+    assert _link("8", "9") == second
